@@ -1,0 +1,103 @@
+"""Shared machinery of the dataset readers: the bad-input policy and image checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from cervl.data.manifest import ManifestError, Record, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MAX_SIDECAR_OFFENDERS = 20
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class BadInputs:
+    """Collects bad samples. With ``skip=False`` the first one raises (the default, fail loud)."""
+
+    skip: bool = False
+    counts: Counter = field(default_factory=Counter)
+    offenders: list[dict] = field(default_factory=list)
+
+    def report(self, err: ManifestError) -> None:
+        """Raise ``err``, or (with ``skip``) count it by reason and remember the first few."""
+        if not self.skip:
+            raise err
+        self.counts[err.reason] += 1
+        if len(self.offenders) < MAX_SIDECAR_OFFENDERS:
+            self.offenders.append({"reason": err.reason, "file": err.file, "line": err.line,
+                                   "field": err.field, "message": str(err)})
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no bad samples"
+        parts = ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
+        return f"skipped {self.total} bad samples: {parts}"
+
+    def write_sidecar(self, manifest_path: str | Path) -> Path | None:
+        """Write the first offenders to ``<manifest>.bad.jsonl``; return its path if any."""
+        if not self.offenders:
+            return None
+        path = Path(str(manifest_path) + ".bad.jsonl")
+        atomic_write_text(path, "".join(json.dumps(o) + "\n" for o in self.offenders))
+        return path
+
+
+def check_image(path: Path, *, source: str | Path | None = None, line: int | None = None) -> None:
+    """Raise :class:`ManifestError` if ``path`` is missing or not a decodable image header.
+
+    ``source``/``line`` name the annotation that referred to the image, for the message.
+    """
+    if not path.is_file():
+        raise ManifestError(f"image not found: {path}", file=source or path, line=line, field="image",
+                            reason="missing_file")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise ManifestError(f"unreadable image {path}: {e}", file=source or path, line=line, field="image",
+                            reason="unreadable_image") from None
+
+
+def assign_val(records: list[Record], fraction: float) -> None:
+    """Move a deterministic ``fraction`` of train records to ``val`` (hash of the sample id).
+
+    Video frames are assigned per video so that frames of one clip never straddle splits.
+    """
+    if fraction <= 0:
+        return
+    for rec in records:
+        if rec.split != "train":
+            continue
+        key = rec.video if rec.video else rec.sample_id
+        h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        if h < fraction:
+            rec.split = "val"
+
+
+def read_label_lines(path: Path) -> list[tuple[int, str]]:
+    """Non-empty lines of a text annotation file with their 1-based line numbers."""
+    if not path.is_file():
+        raise ManifestError("annotation file not found", file=path, reason="missing_file")
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        return [(i, s.strip()) for i, s in enumerate(fh, 1) if s.strip()]
+
+
+def parse_int(text: str, *, file: Path, line: int, field_name: str = "label") -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ManifestError(f"malformed line: expected an integer, got {text!r}", file=file, line=line,
+                            field=field_name, reason="malformed_line") from None

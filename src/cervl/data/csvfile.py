@@ -1,0 +1,80 @@
+"""CSV reader: columns ``image,label[,split]``; ROOT is the CSV file, images are relative to it.
+
+Labels may be class names (matched tolerantly) or the label set's integer ids; an empty label
+means unlabelled.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from cervl.data.base import BadInputs, check_image
+from cervl.data.manifest import SPLITS, ManifestError, Record
+from cervl.labels import LabelSet, get_label_set, label_set_containing, resolve_name
+
+
+class CsvReader:
+    name = "csv"
+
+    def __init__(self, root: str | Path, *, label_set: str | None = None, split: str | None = None,
+                 check_images: bool = True, bad: BadInputs | None = None, **_: object):
+        self.path, self.split = Path(root), split or "train"
+        self.label_set_name, self.check_images, self.bad = label_set, check_images, bad or BadInputs()
+
+    @property
+    def image_root(self) -> Path:
+        """Folder the records' relative image paths start from."""
+        return self.path.parent
+
+    def read(self) -> list[Record]:
+        if not self.path.is_file():
+            raise ManifestError("CSV file not found", file=self.path, reason="missing_file")
+        with self.path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        if not rows:
+            raise ManifestError("empty CSV file", file=self.path, line=1, reason="malformed_line")
+        header = [h.strip().lower() for h in rows[0]]
+        for col in ("image", "label"):
+            if col not in header:
+                raise ManifestError(f"missing column {col!r} in header {rows[0]}", file=self.path, line=1,
+                                    field=col, reason="malformed_line")
+        body = [(i, dict(zip(header, r))) for i, r in enumerate(rows[1:], 2) if any(c.strip() for c in r)]
+        label_set = self._label_set(body)
+        records = []
+        for lineno, row in body:
+            try:
+                records.append(self._record(lineno, row, len(header), label_set))
+            except ManifestError as err:
+                self.bad.report(err)
+        return records
+
+    def _label_set(self, body: list[tuple[int, dict]]) -> LabelSet:
+        if self.label_set_name:
+            return get_label_set(self.label_set_name)
+        names = {resolve_name(r.get("label", "")) for _, r in body if r.get("label", "").strip()}
+        if None in names or not names:
+            raise ManifestError("cannot infer the label set from these labels; pass --label-set", file=self.path,
+                                field="label", reason="unknown_label")
+        return label_set_containing(names)
+
+    def _record(self, lineno: int, row: dict, ncols: int, label_set: LabelSet) -> Record:
+        def fail(field: str, msg: str, reason: str) -> ManifestError:
+            return ManifestError(msg, file=self.path, line=lineno, field=field, reason=reason)
+
+        if len(row) < ncols or not row.get("image", "").strip():
+            raise fail("image", "malformed line: missing image column", "malformed_line")
+        text = row["label"].strip()
+        label = None
+        if text:
+            try:
+                label = label_set.name_for_id(int(text)) if text.lstrip("-").isdigit() else label_set.resolve(text)
+            except KeyError as e:
+                raise fail("label", str(e.args[0]), "unknown_label") from None
+        split = (row.get("split") or "").strip() or self.split
+        if split not in SPLITS:
+            raise fail("split", f"{split!r} is not one of {SPLITS}", "malformed_line")
+        image = row["image"].strip()
+        if self.check_images:
+            check_image(self.path.parent / image, source=self.path, line=lineno)
+        return Record(image=image, label=label, label_set=label_set.name, split=split, dataset=self.name)
