@@ -112,6 +112,41 @@ def _run_prepare(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# cervl train
+# ----------------------------------------------------------------------------------------------
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="run a staged training recipe (YAML) and evaluate it",
+                       description="Re-running the same command resumes: finished stages are reused and an "
+                                   "interrupted stage continues from its last checkpoint.")
+    p.add_argument("config", type=Path, help="recipe YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.1.lr=5e-5 output_dir=runs/x")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from cervl.config import load_config
+    from cervl.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, progress=args.progress)
+    _print_train_result(result)
+    return 0
+
+
+def _print_train_result(result: dict) -> None:
+    for name, ev in result["stages"].items():
+        if ev:
+            print(f"stage {name}: val accuracy {ev['accuracy']:.2%}, macro-F1 {ev['macro_f1']:.3f} (n={ev['n']})")
+    test = result.get("test")
+    if test:
+        print(f"test accuracy ({test['label_set']}, {test['n']} samples): {test['accuracy']:.2%}, "
+              f"macro-F1 {test['macro_f1']:.3f}")
+    print(f"run directory: {result['run_dir']}")
+
+
+# ----------------------------------------------------------------------------------------------
 # cervl labels
 # ----------------------------------------------------------------------------------------------
 
@@ -134,27 +169,97 @@ def _run_labels(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# cervl demo
+# cervl demo / pretrain-tiny
 # ----------------------------------------------------------------------------------------------
 
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _prepare_synth(data: Path, manifests: Path, *, per_class: int, seed: int, prefix: str = "synthce-",
+                   val_fraction: float = 0.1, workers: int = 1) -> None:
+    """Generate SynthCE (unless present) and prepare its four manifests (basic/compound x aligned/original)."""
+    meta = data / "synthce.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("per_class") != per_class \
+            or json.loads(meta.read_text()).get("seed") != seed:
+        _run_synth(build_parser().parse_args(["synth", "-o", str(data), "--per-class", str(per_class),
+                                              "--seed", str(seed), "--workers", str(workers)]))
+    for subset in ("basic", "compound"):
+        for variant in ("aligned", "original"):
+            out = manifests / f"{prefix}{subset}-{variant}.jsonl"
+            _run_prepare(build_parser().parse_args(
+                ["prepare", "rafdb", str(data / subset), "--subset", subset, "--variant", variant,
+                 "-o", str(out), "--val-fraction", str(val_fraction)]))
+
+
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run the embedded default end to end (SynthCE, offline)")
-    p.add_argument("-o", "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p = sub.add_parser("demo", help="run the embedded default end to end (SynthCE + tiny base, offline)",
+                       description="Generates SynthCE into runs/demo/, prepares manifests, then runs "
+                                   "configs/quickstart.yaml (two LoRA stages) and reports the test accuracy.")
+    p.add_argument("--config", type=Path, default=REPO_CONFIGS / "quickstart.yaml")
     p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--data-only", action="store_true", help="only generate and prepare the data")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the recipe")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    data = args.out / "synthce"
-    if not (data / "synthce.json").is_file():
-        _run_synth(build_parser().parse_args(["synth", "-o", str(data), "--per-class", str(args.per_class)]))
-    for subset in ("basic", "compound"):
-        for variant in ("aligned", "original"):
-            out = args.out / "manifests" / f"synthce-{subset}-{variant}.jsonl"
-            _run_prepare(build_parser().parse_args(
-                ["prepare", "rafdb", str(data / subset), "--subset", subset, "--variant", variant,
-                 "-o", str(out), "--val-fraction", "0.1"]))
-    print(f"demo data and manifests are in {args.out}")
+    import time
+
+    from cervl.config import load_config
+    from cervl.train import train
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    # The recipe's test manifest lives in runs/demo/manifests: generate the data beside it.
+    manifests = Path(cfg.test.manifest).parent
+    _prepare_synth(manifests.parent / "synthce", manifests, per_class=args.per_class, seed=0)
+    if args.data_only:
+        return 0
+    result = train(cfg)
+    _print_train_result(result)
+    test = result.get("test")
+    if test:
+        print(f"\nDEMO: stage-2 compound accuracy on the SynthCE test split (aligned): {test['accuracy']:.2%} "
+              f"(chance {1 / len(test['confusion']):.0%}); total time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _add_pretrain_tiny(sub) -> None:
+    p = sub.add_parser("pretrain-tiny", help="rebuild the shipped tiny pretrained base (AU-caption pretraining)",
+                       description="Generates a separate SynthCE (seed 1000), pretrains tiny-qwen2-vl fully on AU "
+                                   "captions with configs/pretrain-tiny.yaml and writes the result (safetensors, "
+                                   "tokenizer, processor) to the package's assets/tiny-base.")
+    p.add_argument("--config", type=Path, default=REPO_CONFIGS / "pretrain-tiny.yaml")
+    p.add_argument("--per-class", type=int, default=300)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "assets" / "tiny-base")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_run_pretrain_tiny)
+
+
+def _run_pretrain_tiny(args) -> int:
+    import shutil
+
+    from cervl.config import load_config
+    from cervl.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    manifests = Path(cfg.stages[0].data[0].manifest).parent
+    _prepare_synth(manifests / "synthce", manifests, per_class=args.per_class, seed=1000, prefix="",
+                   val_fraction=0.05, workers=args.workers)
+    result = train(cfg)
+    final = Path(result["run_dir"]) / "final"
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final, tmp, ignore=shutil.ignore_patterns("cervl.json"))
+    metrics = (Path(result["run_dir"]) / "stages").glob("*/metrics.csv")
+    provenance = {"command": "cervl pretrain-tiny " + " ".join(args.overrides), "config": str(args.config),
+                  "per_class": args.per_class, "synth_seed": 1000,
+                  "metrics_tail": [p.read_text().splitlines()[-1] for p in metrics]}
+    (tmp / "pretrain.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    shutil.rmtree(args.out, ignore_errors=True)
+    tmp.rename(args.out)
+    print(f"tiny base written to {args.out}")
     return 0
 
 
@@ -163,20 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_prepare, _add_labels, _add_demo):
+    for add in (_add_synth, _add_prepare, _add_train, _add_labels, _add_demo, _add_pretrain_tiny):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after flags (argparse stops filling a nargs="*" positional there)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(-1 if args.quiet else args.verbose)
     from cervl.data.manifest import ManifestError
 
     try:
         return args.func(args)
-    except (ManifestError, ValueError, KeyError, FileNotFoundError) as e:
+    except (ManifestError, ValueError, KeyError, FileNotFoundError) as e:  # ConfigError, DataError are ValueErrors
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2

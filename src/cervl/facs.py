@@ -69,8 +69,8 @@ PROTOTYPES: dict[str, Prototype] = {
 
 
 def describe_aus(aus: dict[int, float], threshold: float = 0.3) -> str:
-    """A short caption of the AUs above ``threshold``, strongest first (e.g. for AU captions)."""
-    active = sorted((v, a) for a, v in aus.items() if v >= threshold)
+    """A short caption of the AUs at or above ``threshold``, in AU-number order (a canonical target)."""
+    active = sorted(a for a, v in aus.items() if v >= threshold)
     if not active:
         return "relaxed face, no action units"
-    return ", ".join(AUS[a][1] for _, a in sorted(active, reverse=True))
+    return ", ".join(AUS[a][1] for a in active)

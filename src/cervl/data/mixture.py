@@ -1,0 +1,90 @@
+"""A stage's training data: manifests filtered by split, checked against the label set, mixed by weight.
+
+The sample order is a pure function of (seed, epoch), so a resumed run sees exactly the samples
+an uninterrupted one would: sample ``k`` of the stream is position ``k % N`` of epoch ``k // N``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cervl.data.manifest import Manifest, Record, read_manifest
+from cervl.labels import LabelSet
+
+
+@dataclass
+class Sample:
+    record: Record
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.record.sample_id} ({self.path})"
+
+
+class DataError(ValueError):
+    pass
+
+
+def load_samples(manifest: str | Path, splits: list[str], label_set: LabelSet, *, need_labels: bool = True,
+                 need_aus: bool = False) -> list[Sample]:
+    """Records of ``manifest`` in ``splits``; every label must belong to ``label_set``.
+
+    With ``need_aus`` (AU-caption answers) labels are not used, so they are not checked.
+    """
+    need_labels = need_labels and not need_aus
+    if not Path(manifest).is_file():
+        raise DataError(f"manifest not found: {manifest}")
+    m: Manifest = read_manifest(manifest)
+    chosen = [r for r in m if r.split in splits]
+    if not chosen:
+        present = sorted({r.split for r in m})
+        raise DataError(f"{manifest}: no records in split(s) {splits} (present: {present})")
+    out = []
+    for r in chosen:
+        if need_labels and r.label is None:
+            raise DataError(f"{manifest}: sample {r.sample_id!r} has no label but this stage trains on labels")
+        if need_labels and r.label not in label_set:
+            raise DataError(f"{manifest}: sample {r.sample_id!r} has label {r.label!r}, which is not in the "
+                            f"stage's label set {label_set.name!r} {list(label_set.classes)}")
+        if need_aus and r.aus is None:
+            raise DataError(f"{manifest}: sample {r.sample_id!r} has no 'aus' but the prompt answers with AUs")
+        out.append(Sample(r, m.image_path(r)))
+    return out
+
+
+class Mixture:
+    """Weighted union of sources. A weight ``w`` draws ``round(w * n)`` samples of a source per epoch
+    (with repetition when ``w > 1``), chosen afresh each epoch."""
+
+    def __init__(self, sources: list[tuple[list[Sample], float]], seed: int):
+        self.sources, self.seed = sources, seed
+        self._cache: dict[int, list[Sample]] = {}
+        self.per_epoch = sum(int(round(w * len(s))) for s, w in sources)
+        if self.per_epoch == 0:
+            raise DataError("the stage's data mix draws no samples (all weights round to 0)")
+
+    def epoch(self, epoch: int) -> list[Sample]:
+        rng = np.random.default_rng([self.seed, epoch])
+        chosen = []
+        for samples, w in self.sources:
+            k = int(round(w * len(samples)))
+            full, rest = divmod(k, len(samples))
+            idx = list(np.tile(np.arange(len(samples)), full)) + list(rng.permutation(len(samples))[:rest])
+            chosen += [samples[i] for i in idx]
+        order = rng.permutation(len(chosen))
+        return [chosen[i] for i in order]
+
+    def take(self, start: int, count: int) -> list[Sample]:
+        """Samples ``start .. start+count-1`` of the endless stream of epochs."""
+        out, k = [], start
+        while len(out) < count:
+            e, pos = divmod(k, self.per_epoch)
+            if e not in self._cache:
+                self._cache = {e: self.epoch(e), **{k2: v for k2, v in self._cache.items() if k2 == e - 1}}
+            out.append(self._cache[e][pos])
+            k += 1
+        return out

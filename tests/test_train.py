@@ -1,0 +1,167 @@
+"""Staged training through the real CLI: resume after SIGKILL, 2 processes, families, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cervl.cli import _prepare_synth
+from cervl.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    _prepare_synth(base / "synthce", base / "m", per_class=4, seed=5, val_fraction=0.25)
+    return base / "m"
+
+
+def recipe(tmp_path, manifests, *, stages=2, model="tiny-qwen2-vl", steps=4, dropout=0.05, batch=4, **top):
+    st = [{"name": "basic", "data": [{"manifest": str(manifests / "synthce-basic-aligned.jsonl")}],
+           "label_set": "rafdb-basic", "prompt": "minimal",
+           "lora": {"rank": 16, "alpha": 32, "dropout": dropout}, "max_steps": steps, "lr": 1e-3,
+           "batch_size": batch},
+          {"name": "compound", "data": [{"manifest": str(manifests / "synthce-compound-aligned.jsonl")}],
+           "label_set": "rafdb-compound", "prompt": "minimal",
+           "lora": {"rank": 8, "alpha": 16, "dropout": dropout}, "max_steps": steps, "lr": 1e-3,
+           "batch_size": batch}][-stages:]
+    cfg = {"model": {"name": model}, "output_dir": str(tmp_path / "run"), "checkpoint_every": 2, "log_every": 1,
+           "stages": st, "test": {"manifest": str(manifests / "synthce-compound-aligned.jsonl"), "splits": ["test"],
+                                  "max_samples": 8}}
+    cfg.update(top)
+    path = tmp_path / "recipe.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cervl(*args, env=None, launcher=None):
+    cmd = (launcher or [sys.executable, "-m", "cervl.cli"]) + [str(a) for a in args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def adapter(run, stage):
+    return load_file(next((Path(run) / "stages").glob(f"*-{stage}")) / "adapter" / "adapter_model.safetensors")
+
+
+def test_two_stage_run_records_lineage_and_reloads(tmp_path, manifests):
+    cfg = recipe(tmp_path, manifests)
+    res = cervl("train", cfg, "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "test accuracy (rafdb-compound, 8 samples)" in res.stdout and f"run directory: {run}" in res.stdout
+    import json
+
+    lineage = json.loads((run / "lineage.json").read_text())
+    assert [(e["stage"], e["kind"], e.get("rank")) for e in lineage] == [
+        ("base", "base", None), ("basic", "lora", 16), ("compound", "lora", 8)]
+    meta = json.loads((run / "final" / "cervl.json").read_text())
+    assert meta["prompt"] == "minimal" and meta["label_set"] == "rafdb-compound"
+    assert (run / "config.json").is_file() and (run / "stages" / "00-basic" / "metrics.csv").is_file()
+    # a fresh process reloads the final model with its prompt and label set and scores like the run did
+    from cervl.train import evaluate, load_run
+    from cervl.config import StageConfig, DataSource
+
+    model, proc, meta = load_run(run)
+    st = StageConfig(name="x", data=[DataSource("unused")], label_set=meta["label_set"], prompt=meta["prompt"])
+    ev = evaluate(model, proc, st, str(manifests / "synthce-compound-aligned.jsonl"), ["test"], max_samples=8)
+    saved = json.loads((run / "test_metrics.json").read_text())
+    assert ev["confusion"] == saved["confusion"]
+    # rerunning the finished recipe retrains nothing
+    again = cervl("train", cfg, "--no-progress")
+    assert again.returncode == 0 and "already finished" in again.stderr
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, manifests):
+    full = recipe(tmp_path / "a", manifests, stages=1, steps=6)
+    assert cervl("train", full, "--no-progress").returncode == 0
+    killed = recipe(tmp_path / "b", manifests, stages=1, steps=6)
+    res = cervl("train", killed, "--no-progress", env={"CERVL_TEST_KILL_AT_STEP": "4"})
+    assert res.returncode == -9  # SIGKILL, as kill -9
+    assert (tmp_path / "b" / "run" / "stages" / "00-compound" / "checkpoint" / "state.json").is_file()
+    assert not (tmp_path / "b" / "run" / "stages" / "00-compound" / "DONE.json").exists()
+    res = cervl("train", killed, "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stderr and "at step 4/6" in res.stderr
+    a, b = adapter(tmp_path / "a" / "run", "compound"), adapter(tmp_path / "b" / "run", "compound")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_same_global_batch(tmp_path, manifests):
+    one = recipe(tmp_path / "one", manifests, stages=1, steps=3, dropout=0.0, batch=4)
+    assert cervl("train", one, "--no-progress").returncode == 0
+    two = recipe(tmp_path / "two", manifests, stages=1, steps=3, dropout=0.0, batch=2)
+    # torchrun is the launcher `accelerate launch --multi_gpu` uses; on CPU, `accelerate launch --cpu`
+    # starts a single process unless mpirun is available, so the gloo test calls torchrun directly.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cervl.cli"]
+    res = cervl("train", two, "--no-progress", launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = adapter(tmp_path / "one" / "run", "compound"), adapter(tmp_path / "two" / "run", "compound")
+    moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)
+    assert moved > 1e-4  # training changed the adapter
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_end_to_end_other_families(tmp_path, manifests, family):
+    res = cervl("train", recipe(tmp_path, manifests, stages=1, steps=2, model=family), "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "test accuracy" in res.stdout
+
+
+def test_real_tokenizer_run(tmp_path, manifests, shared_dir):
+    cfg = recipe(tmp_path, manifests, stages=1, steps=2)
+    res = cervl("train", cfg, "--no-progress", f"model.tokenizer={shared_dir / 'qwen2-vl-tokenizer'}",
+                "model.name=tiny-qwen2-vl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "run" / "base").text_config.vocab_size >= 151657
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.0.data.0.manifest=/nope/m.jsonl", "manifest not found: /nope/m.jsonl"),
+    ("stages.0.data.0.splits=[val2]", "no records in split(s) ['val2']"),
+    ("stages.0.label_set=cexprdb", "which is not in the stage's label set 'cexprdb'"),
+    ("stages.0.lerning_rate=1", "unknown key 'stages[0].lerning_rate'"),
+    ("stages.0.lora.rnak=4", "did you mean 'rank'?"),
+    ("stages.0.method=qlora", "'method' must be one of ('lora', 'full')"),
+])
+def test_bad_input_fails_early_with_specific_message(tmp_path, manifests, override, message):
+    res = cervl("train", recipe(tmp_path, manifests, stages=1), override)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "base").exists()  # failed before building anything
+
+
+def test_every_shipped_config_parses():
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(paths) >= 6
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.stages and "Run:" in p.read_text().split("\n\n")[0] or "Run:" in p.read_text()
+    paper = load_config(ROOT / "configs" / "paper-qwen2vl-7b.yaml")
+    assert [(s.lora.rank, s.epochs, s.prompt) for s in paper.stages] == [(16, 20, "context"), (8, 10, "context")]
+    for p in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        text = p.read_text()
+        assert "accelerate launch" in text and yaml.safe_load(text)["num_processes"] >= 2
+
+
+def test_override_parsing_and_errors(tmp_path):
+    p = ROOT / "configs" / "quickstart.yaml"
+    cfg = load_config(p, ["stages.1.lr=5e-5", "output_dir=/tmp/x", "stages.0.lora.rank=4"])
+    assert cfg.stages[1].lr == 5e-5 and cfg.output_dir == "/tmp/x" and cfg.stages[0].lora.rank == 4
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(p, ["stages.7.lr=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(p, ["stages"])
