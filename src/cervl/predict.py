@@ -7,6 +7,7 @@ prediction is a valid class.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -26,14 +27,127 @@ def load_rgb(path) -> Image.Image:
         return im.convert("RGB")
 
 
-@torch.no_grad()
+def _core(model):
+    """The transformers Qwen-VL model under any peft wrapper (it owns ``get_rope_index``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+class LabelScorer:
+    """Exact constrained scoring with shared-prefix and per-image KV-cache reuse.
+
+    1. The prompt part before the image (system, guidelines, definitions: identical for every
+       sample) is encoded once and its KV cache reused for every batch.
+    2. Each batch encodes the image and the rest of the prompt once per image.
+    3. All candidate answers are then evaluated from that cached state in one forward (the cache is
+       repeated per candidate), so multi-token class names are scored exactly.
+
+    Probabilities are normalised across classes; ``normalize`` picks ``sum`` (total log-likelihood
+    of a class's answer tokens plus end-of-turn: the exact sequence probability, default) or ``mean``
+    (per-token average).
+    """
+
+    def __init__(self, model, processor, style: PromptStyle, label_set: LabelSet, *, normalize: str = "sum"):
+        if normalize not in ("sum", "mean"):
+            raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+        self.model, self.processor, self.style, self.label_set = model, processor, style, label_set
+        self.normalize = normalize
+        tok = processor.tokenizer
+        self.text = prompt_text(processor, style, label_set)
+        self.cands = [answer_ids(tok, c) for c in label_set.classes]
+        vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
+        ids = tok(self.text, add_special_tokens=False)["input_ids"]
+        self.prefix = ids[: ids.index(vision_start)]
+        self._prefix_cache = None
+        self.device = next(model.parameters()).device
+
+    def _prefix_state(self):
+        from transformers import DynamicCache
+
+        if self._prefix_cache is None:
+            ids = torch.tensor([self.prefix], device=self.device)
+            pos = torch.arange(len(self.prefix), device=self.device).view(1, 1, -1).expand(3, 1, -1)
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            self._prefix_cache = cache
+        return copy.deepcopy(self._prefix_cache)
+
+    @torch.no_grad()
+    def score_encoded(self, ids: torch.Tensor, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Log-scores (B, K) for a batch of equal-length prompts (same image grid)."""
+        b, p = ids.shape[0], len(self.prefix)
+        if p == 0 or ids[:, :p].tolist() != [self.prefix] * b:
+            raise RuntimeError("prompt prefix mismatch; the processor changed the text before the image")
+        image_token = self.model.config.image_token_id
+        mm = (ids == image_token).long()
+        mask = torch.ones_like(ids)
+        pos, _ = _core(self.model).get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid,
+                                                  attention_mask=mask)
+        cache = self._prefix_state()
+        cache.batch_repeat_interleave(b)
+        out = self.model(input_ids=ids[:, p:], pixel_values=pixels, image_grid_thw=grid, position_ids=pos[:, :, p:],
+                         attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+        k = len(self.cands)
+        longest = max(len(c) for c in self.cands)
+        scores = torch.stack([first[:, c[0]] for c in self.cands], dim=1)  # (B, K)
+        if longest > 1:
+            # Feed every candidate's tokens but the last; position j predicts token j+1.
+            feed = torch.zeros((b * k, longest - 1), dtype=torch.long, device=self.device)
+            for i, c in enumerate(self.cands):
+                feed[i::k, : len(c) - 1] = torch.tensor(c[:-1], device=self.device)
+            cache.batch_repeat_interleave(k)
+            nxt = pos.max(dim=0).values.max(dim=1).values + 1  # (B,) next text position
+            cpos = (nxt.repeat_interleave(k)[:, None] + torch.arange(longest - 1, device=self.device)[None])
+            cpos = cpos[None].expand(3, -1, -1)
+            full_mask = torch.ones((b * k, ids.shape[1] + longest - 1), dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=feed, position_ids=cpos, attention_mask=full_mask, cache=cache,
+                                use_cache=False).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).view(b, k, longest - 1, -1)
+            for i, c in enumerate(self.cands):
+                for j in range(1, len(c)):
+                    scores[:, i] += logp[:, i, j - 1, c[j]]
+        if self.normalize == "mean":
+            scores = scores / torch.tensor([len(c) for c in self.cands], device=self.device)
+        return scores
+
+    def __call__(self, images: list, *, batch_size: int = 8, progress: bool = False) -> np.ndarray:
+        """Class probabilities, shape (len(images), len(label_set))."""
+        self.model.eval()
+        out = np.zeros((len(images), len(self.cands)))
+        bar = tqdm(total=len(images), desc="scoring", unit="img", disable=not progress)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            encoded = [encode_prompt(self.processor, self.text, load_rgb(im) if not isinstance(im, Image.Image)
+                                     else im) for im in chunk]
+            # Group by prompt length (= image grid): equal-length prompts need no padding.
+            groups: dict[int, list[int]] = {}
+            for i, (ids, _, _) in enumerate(encoded):
+                groups.setdefault(len(ids), []).append(i)
+            for members in groups.values():
+                ids = torch.tensor([encoded[i][0] for i in members], device=self.device)
+                pixels = torch.cat([encoded[i][1] for i in members]).to(self.device)
+                grid = torch.cat([encoded[i][2] for i in members]).to(self.device)
+                scores = self.score_encoded(ids, pixels, grid)
+                out[[start + i for i in members]] = torch.softmax(scores, dim=-1).cpu().numpy()
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+
 def score_labels(model, processor, style: PromptStyle, label_set: LabelSet, images: list, *, batch_size: int = 8,
                  normalize: str = "sum", progress: bool = False) -> np.ndarray:
-    """Class probabilities, shape (len(images), len(label_set)).
+    """Class probabilities (N, K) by :class:`LabelScorer` (exact, cached)."""
+    return LabelScorer(model, processor, style, label_set, normalize=normalize)(
+        images, batch_size=batch_size, progress=progress)
 
-    ``normalize``: ``sum`` (total log-likelihood of the answer tokens, the default: exact sequence
-    probability) or ``mean`` (per-token average, which removes the bias against long names).
-    Each image is scored against all candidates as full continuations, in batches.
+
+@torch.no_grad()
+def score_labels_bruteforce(model, processor, style: PromptStyle, label_set: LabelSet, images: list, *,
+                            batch_size: int = 8, normalize: str = "sum", progress: bool = False) -> np.ndarray:
+    """Reference implementation: every (image, class) pair as one full sequence, no cache (K x slower).
+
+    Used by the tests to check :class:`LabelScorer` exactly.
     """
     model.eval()
     tok = processor.tokenizer
