@@ -142,8 +142,107 @@ def _print_train_result(result: dict) -> None:
     test = result.get("test")
     if test:
         print(f"test accuracy ({test['label_set']}, {test['n']} samples): {test['accuracy']:.2%}, "
-              f"macro-F1 {test['macro_f1']:.3f}")
+              f"macro-F1 {test['macro_f1']:.3f}, top-2 {test['top2_accuracy']:.2%}")
+        print(f"report: {test['report']}")
     print(f"run directory: {result['run_dir']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# cervl predict / eval / compare
+# ----------------------------------------------------------------------------------------------
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict expressions with a trained run (score or generate mode)")
+    p.add_argument("inputs", nargs="*", type=Path, help="image files or folders of images")
+    p.add_argument("--run", required=True, type=Path, help="run directory written by cervl train")
+    p.add_argument("--manifest", type=Path, help="predict the records of a manifest instead of files")
+    p.add_argument("--split", action="append", help="manifest split(s) to predict (default: all)")
+    p.add_argument("--mode", default="score", choices=["score", "generate"])
+    p.add_argument("--normalize", default="sum", choices=["sum", "mean"],
+                   help="score mode: sum (default) or mean log-likelihood over the answer tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("-o", "--out", required=True, type=Path, help="predictions JSONL")
+    p.set_defaults(func=_run_predict)
+
+
+def _predict_items(args) -> list[dict]:
+    from cervl.data.base import IMAGE_SUFFIXES
+    from cervl.data.manifest import read_manifest
+
+    items = []
+    if args.manifest:
+        m = read_manifest(args.manifest)
+        for r in m:
+            if args.split and r.split not in args.split:
+                continue
+            items.append({"id": r.sample_id, "image": m.image_path(r), "label": r.label, "video": r.video,
+                          "frame": r.frame})
+    for path in args.inputs:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            items += [{"id": str(f.relative_to(path)), "image": f} for f in files]
+        elif path.exists():
+            items.append({"id": path.name, "image": path})
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    if not items:
+        raise ValueError("nothing to predict: give image files/folders or --manifest (with a non-empty --split)")
+    return items
+
+
+def _run_predict(args) -> int:
+    from cervl.data.manifest import atomic_write_text
+    from cervl.predict import Predictor
+
+    items = _predict_items(args)
+    predictor = Predictor.from_run(args.run)
+    rows = list(predictor.predict(items, mode=args.mode, batch_size=args.batch_size, normalize=args.normalize))
+    atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"run": str(args.run), "mode": args.mode, "normalize": args.normalize,
+            "label_set": predictor.label_set.name, "prompt": predictor.style.name,
+            "manifest": str(args.manifest) if args.manifest else None}
+    atomic_write_text(Path(str(args.out) + ".meta.json"), json.dumps(meta, indent=2) + "\n")
+    errors = sum(1 for r in rows if r.get("error"))
+    invalid = sum(1 for r in rows if r["pred"] is None and not r.get("error"))
+    print(f"wrote {len(rows)} predictions to {args.out} ({errors} unreadable images, {invalid} invalid answers)")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="metrics, plots and an HTML report from a predictions JSONL")
+    p.add_argument("predictions", type=Path)
+    p.add_argument("-o", "--out", required=True, type=Path, help="report folder")
+    p.add_argument("--label-set", help="default: from PREDICTIONS.meta.json")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from cervl.report import evaluate_predictions
+
+    m = evaluate_predictions(args.predictions, args.out, label_set=args.label_set, title=args.title)
+    print(f"accuracy {m['accuracy']:.2%}, macro-F1 {m['macro_f1']:.3f}, invalid {m['invalid_rate']:.2%} "
+          f"(n={m['n']}); report: {m['report']}")
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="compare two or more eval reports side by side (per-class deltas)")
+    p.add_argument("reports", nargs="+", type=Path, help="report folders written by cervl eval")
+    p.add_argument("--names", help="comma-separated column names (default: folder names)")
+    p.add_argument("-o", "--out", required=True, type=Path)
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from cervl.report import write_comparison
+
+    if len(args.reports) < 2:
+        raise ValueError("compare needs at least two reports")
+    names = args.names.split(",") if args.names else None
+    md = write_comparison(args.reports, args.out, names)
+    print(md.read_text())
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_prepare, _add_train, _add_labels, _add_demo, _add_pretrain_tiny):
+    for add in (_add_synth, _add_prepare, _add_train, _add_predict, _add_eval, _add_compare, _add_labels, _add_demo,
+                _add_pretrain_tiny):
         add(sub)
     return parser
 

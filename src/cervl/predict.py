@@ -8,7 +8,10 @@ prediction is a valid class.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
+import time
 
 import numpy as np
 import torch
@@ -16,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cervl.encode import IGNORE, answer_ids, collate, encode_prompt, prompt_text, token_logprobs
-from cervl.labels import LabelSet
+from cervl.labels import COMPOUND, LabelSet, get_label_set
 from cervl.prompts import PromptStyle
 
 log = logging.getLogger(__name__)
@@ -185,3 +188,178 @@ def score_labels_bruteforce(model, processor, style: PromptStyle, label_set: Lab
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Free-text answers (generate mode)
+# ----------------------------------------------------------------------------------------------
+
+_JSON_KEYS = ("expression", "label", "emotion", "category", "class", "answer", "prediction")
+_MARKUP = re.compile(r"[*_`#>\[\]\"'“”‘’]")
+
+
+def _class_patterns(label_set_name: str) -> list[tuple[str, re.Pattern]]:
+    """(canonical class, whole-word regex) for every class of a label set and its aliases."""
+    if label_set_name not in _PATTERN_CACHE:
+        from cervl.labels import _ALIASES, get_label_set, normalize_name
+
+        ls = get_label_set(label_set_name)
+        pats = []
+        # Classes outside the set are matched too, so "Happily Surprised" is not read as "Surprise"
+        # by a basic label set: it names a class the set does not have (-> invalid).
+        for c in ls.classes + tuple(c for c in COMPOUND if c not in ls):
+            forms = {normalize_name(c)} | {a for a, target in _ALIASES.items() if target == c}
+            for f in sorted(forms, key=len, reverse=True):
+                pats.append((c, re.compile(r"(?<![a-z])" + re.escape(f).replace(r"\ ", r"\s+") + r"(?![a-z])")))
+        _PATTERN_CACHE[label_set_name] = pats
+    return _PATTERN_CACHE[label_set_name]
+
+
+_PATTERN_CACHE: dict[str, list] = {}
+
+
+def parse_answer(text: str, label_set: str) -> str | None:
+    """Map a model's free-text answer to one canonical class of ``label_set``, or None (invalid).
+
+    Accepts the exact name, case/hyphen/underscore variants, "The expression is X.", Markdown
+    emphasis, JSON such as ``{"expression": "..."}`` and answers naming one class among other words.
+    Returns None when no class or more than one class is named; never raises.
+    """
+    try:
+        if not isinstance(text, str) or not text.strip():
+            return None
+        for match in re.finditer(r"\{[^{}]*\}", text):  # JSON objects first: their value is the answer
+            try:
+                obj = json.loads(match.group(0))
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                for key, value in obj.items():
+                    if str(key).lower() in _JSON_KEYS and isinstance(value, str):
+                        found = parse_answer(value, label_set)
+                        if found is not None:
+                            return found
+        norm = re.sub(r"[-_]+", " ", _MARKUP.sub(" ", text.lower()))
+        spans: list[tuple[int, int, str]] = []
+        for cls, pat in _class_patterns(label_set):
+            spans += [(m.start(), m.end(), cls) for m in pat.finditer(norm)]
+        # Drop matches nested inside a longer match ("surprised" inside "happily surprised").
+        kept = {cls for s, e, cls in spans
+                if not any((s2 <= s and e <= e2) and (e2 - s2) > (e - s) for s2, e2, _ in spans)}
+        if len(kept) != 1:
+            return None
+        found = kept.pop()
+        return found if found in get_label_set(label_set) else None
+    except Exception:  # a parser that raises would lose a whole batch of predictions
+        log.debug("parse_answer failed on %r", text, exc_info=True)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and the Predictor
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_answers(model, processor, style: PromptStyle, label_set: LabelSet, images: list, *,
+                     max_new_tokens: int = 24) -> list[str]:
+    """Greedy decoding for a batch of images (left padding, so batched == unbatched)."""
+    model.eval()
+    text = prompt_text(processor, style, label_set)
+    imgs = [load_rgb(im) if not isinstance(im, Image.Image) else im for im in images]
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    batch = processor(text=[text] * len(imgs), images=imgs, return_tensors="pt", padding=True)
+    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return tok.batch_decode(new, skip_special_tokens=True)
+
+
+class Predictor:
+    """A trained model plus the prompt style and label set it was trained with.
+
+    ``Predictor.from_run(run_dir)`` restores everything from the run directory; ``Predictor(model,
+    processor, style, label_set)`` wraps an already loaded model (e.g. a base model plus an adapter).
+    """
+
+    def __init__(self, model, processor, style: PromptStyle | str, label_set: LabelSet | str):
+        from cervl.prompts import get_prompt_style
+
+        self.model, self.processor = model, processor
+        self.style = get_prompt_style(style) if isinstance(style, str) else style
+        self.label_set = get_label_set(label_set) if isinstance(label_set, str) else label_set
+        self._scorer = None
+
+    @classmethod
+    def from_run(cls, run_dir, *, dtype: str = "fp32", device: str | None = None) -> "Predictor":
+        from cervl.train import load_run
+
+        model, processor, meta = load_run(run_dir, dtype=dtype)
+        if device:
+            model.to(device)
+        return cls(model, processor, meta["prompt"], meta["label_set"])
+
+    @classmethod
+    def from_adapter(cls, base: str, adapter: str, *, prompt: str, label_set: str, dtype: str = "bf16"):
+        """A base model (hub id or folder) plus a peft adapter folder, merged for inference."""
+        from peft import PeftModel
+
+        from cervl.models import load_model, merge_lora
+
+        model, processor = load_model(base, dtype=dtype)
+        return cls(merge_lora(PeftModel.from_pretrained(model, adapter)), processor, prompt, label_set)
+
+    def score(self, images: list, *, batch_size: int = 8, normalize: str = "sum") -> np.ndarray:
+        if self._scorer is None or self._scorer.normalize != normalize:
+            self._scorer = LabelScorer(self.model, self.processor, self.style, self.label_set, normalize=normalize)
+        return self._scorer(images, batch_size=batch_size)
+
+    def generate(self, images: list, *, max_new_tokens: int = 24) -> list[tuple[str, str | None]]:
+        texts = generate_answers(self.model, self.processor, self.style, self.label_set, images,
+                                 max_new_tokens=max_new_tokens)
+        return [(t, parse_answer(t, self.label_set.name)) for t in texts]
+
+    def predict(self, items: list[dict], *, mode: str = "score", batch_size: int = 8, normalize: str = "sum",
+                progress: bool = True):
+        """Yield one prediction row per item (``{"id", "image", "label"?}``); bad images become error rows."""
+        if mode not in ("score", "generate"):
+            raise ValueError(f"mode must be 'score' or 'generate', got {mode!r}")
+        bar = tqdm(total=len(items), desc=f"predict ({mode})", unit="img", disable=not progress)
+        for start in range(0, len(items), batch_size):
+            batch_items = items[start:start + batch_size]
+            rows: list[dict | None] = [None] * len(batch_items)
+            ok, images = [], []
+            for i, item in enumerate(batch_items):
+                try:
+                    images.append(item["pil"] if "pil" in item else load_rgb(item["image"]))
+                    ok.append(i)
+                except Exception as e:  # corrupt/missing file: report it, keep going
+                    log.error("cannot read image %s: %s", item["image"], e)
+                    rows[i] = {**_row(item), "pred": None, "error": f"{type(e).__name__}: {e}"}
+            if ok:
+                t0 = time.perf_counter()
+                if mode == "score":
+                    probs = self.score(images, batch_size=len(images), normalize=normalize)
+                    latency = (time.perf_counter() - t0) / len(ok) * 1000
+                    for i, p in zip(ok, probs):
+                        rows[i] = {**_row(batch_items[i]), "pred": self.label_set.classes[int(p.argmax())],
+                                   "probs": {c: round(float(v), 6) for c, v in zip(self.label_set.classes, p)},
+                                   "latency_ms": round(latency, 2)}
+                else:
+                    answers = self.generate(images)
+                    latency = (time.perf_counter() - t0) / len(ok) * 1000
+                    for i, (raw, parsed) in zip(ok, answers):
+                        rows[i] = {**_row(batch_items[i]), "pred": parsed, "raw": raw, "latency_ms": round(latency, 2)}
+            yield from rows  # input order, errors included
+            bar.update(len(batch_items))
+        bar.close()
+
+
+def _row(item: dict) -> dict:
+    row = {"id": item["id"], "image": str(item["image"]), "label": item.get("label")}
+    for key in ("video", "frame"):
+        if item.get(key) is not None:
+            row[key] = item[key]
+    return row

@@ -81,13 +81,38 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
         save_final(model, processor, cfg, run_dir, lineage)
     accelerator.wait_for_everyone()
 
-    # --- held-out evaluation with the last stage's prompt and label set.
+    # --- held-out evaluation with the last stage's prompt and label set: predictions + report.
     result = {"run_dir": str(run_dir), "stages": stage_metrics}
     if cfg.test.manifest and accelerator.is_main_process:
-        result["test"] = evaluate(model, processor, last, cfg.test.manifest, cfg.test.splits,
-                                  max_samples=cfg.test.max_samples, progress=progress)
+        result["test"] = test_report(model, processor, last, cfg.test, run_dir / "eval", progress=progress)
         write_json(run_dir / "test_metrics.json", result["test"])
     return result
+
+
+def test_report(model, processor, stage: StageConfig, test, out_dir: Path, *, progress: bool = True) -> dict:
+    """Score the test split, write ``test_predictions.jsonl`` and the report folder; return the metrics."""
+    from cervl.data.manifest import atomic_write_text
+    from cervl.predict import Predictor
+    from cervl.report import evaluate_predictions
+
+    label_set = get_label_set(stage.label_set)
+    samples = load_samples(test.manifest, test.splits, label_set)
+    if test.max_samples and len(samples) > test.max_samples:
+        idx = np.random.default_rng(0).choice(len(samples), test.max_samples, replace=False)
+        samples = [samples[i] for i in sorted(idx)]
+    items = [{"id": s.record.sample_id, "image": s.path, "label": s.record.label, "video": s.record.video,
+              "frame": s.record.frame} for s in samples]
+    predictor = Predictor(model, processor, stage.prompt, label_set)
+    rows = list(predictor.predict(items, mode="score", progress=progress))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = out_dir / "test_predictions.jsonl"
+    atomic_write_text(pred_path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(Path(str(pred_path) + ".meta.json"), json.dumps(
+        {"mode": "score", "normalize": "sum", "label_set": label_set.name, "prompt": stage.prompt,
+         "manifest": str(test.manifest), "splits": test.splits}, indent=2) + "\n")
+    metrics = evaluate_predictions(pred_path, out_dir / "report", title=f"{stage.name}: {Path(test.manifest).name} "
+                                   f"{'+'.join(test.splits)}")
+    return {"label_set": label_set.name, "predictions": str(pred_path), **metrics}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""Reports: plots (PNG), ``metrics.json``, ``report.md`` and a self-contained ``report.html``.
+
+``evaluate_predictions`` turns a predictions JSONL into metrics and a report folder.
+
+``write_report`` renders one evaluation; ``write_comparison`` puts several side by side with
+per-class deltas against the first.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cervl.data.manifest import atomic_write_text  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(conf_norm, classes, path: Path, title: str = "Confusion matrix (row-normalised)") -> Path:
+    c = np.asarray(conf_norm, dtype=float)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * n, 0.8 + 0.55 * n))
+    im = ax.imshow(c, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if c[i, j] >= 0.005:
+                ax.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if c[i, j] > 0.5 else "black")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def plot_per_class(values: dict[str, list], classes, path: Path, ylabel: str = "accuracy (recall)") -> Path:
+    """Grouped bars: one group per class, one bar per series (e.g. runs being compared)."""
+    n, m = len(classes), len(values)
+    width = 0.8 / m
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * n * max(1, m / 2)), 3.8))
+    for k, (name, vals) in enumerate(values.items()):
+        v = [np.nan if x is None else x for x in vals]
+        ax.bar(np.arange(n) + (k - (m - 1) / 2) * width, v, width, label=name)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    if m > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability(rel: dict, path: Path) -> Path:
+    edges = np.asarray(rel["edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    acc = [np.nan if a is None else a for a in rel["accuracy"]]
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.bar(centres, acc, width=edges[1] - edges[0], edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (ECE {rel['ece']:.3f})", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _html_page(title: str, markdown_tables: list[tuple[str, str]], images: list[Path]) -> str:
+    """A dependency-free HTML page: tables rendered from our own markdown, PNGs inlined as base64."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
+             "td:first-child{text-align:left}img{max-width:100%}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for heading, table in markdown_tables:
+        lines = [l for l in table.splitlines() if not l.startswith("|---")]
+        rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+        parts.append(f"<h2>{html.escape(heading)}</h2><table>")
+        parts.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]
+        parts.append("</table>")
+    for img in images:
+        data = base64.b64encode(img.read_bytes()).decode()
+        parts.append(f"<h2>{html.escape(img.stem.replace('_', ' '))}</h2><img src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out: str | Path, metrics: dict, classes: list[str], *, title: str = "cervl evaluation",
+                 extra: dict | None = None) -> Path:
+    """Write metrics.json, confusion/per-class(/reliability) PNGs, report.md and report.html into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"title": title, "classes": list(classes), **metrics, **(extra or {})}
+    atomic_write_text(out / "metrics.json", json.dumps(data, indent=2) + "\n")
+    images = [plot_confusion(metrics["confusion_normalized"], classes, out / "confusion_matrix.png"),
+              plot_per_class({"accuracy": metrics["per_class_accuracy"]}, classes, out / "per_class_accuracy.png")]
+    if "reliability" in metrics:
+        images.append(plot_reliability(metrics["reliability"], out / "reliability.png"))
+    summary_keys = ["n", "accuracy", "macro_f1", "weighted_f1", "invalid_rate", "top2_accuracy", "mean_confidence"]
+    summary = _md_table(["metric", "value"], [[k, metrics[k]] for k in summary_keys if k in metrics]
+                        + ([["ece", metrics["reliability"]["ece"]]] if "reliability" in metrics else []))
+    per_class = _md_table(["class", "accuracy", "F1", "support"],
+                          [[c, metrics["per_class_accuracy"][i], metrics["per_class_f1"][i],
+                            int(np.sum(metrics["confusion"][i]))] for i, c in enumerate(classes)])
+    tables = [("Summary", summary), ("Per class", per_class)]
+    if extra:
+        tables.append(("Run", _md_table(["key", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
+                                                            for k, v in extra.items()])))
+    md = f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{t}" for h, t in tables) + "\n\n" + "\n".join(
+        f"![{p.stem}]({p.name})" for p in images) + "\n"
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", _html_page(title, tables, images))
+    return out / "report.html"
+
+
+def write_comparison(reports: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:
+    """One table (overall metrics + per-class accuracy with deltas vs the first report) and one plot."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = []
+    for r in reports:
+        path = Path(r) / "metrics.json" if Path(r).is_dir() else Path(r)
+        if not path.is_file():
+            raise FileNotFoundError(f"no metrics.json at {path} (pass report folders written by cervl eval)")
+        loaded.append(json.loads(path.read_text()))
+    names = names or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in reports]
+    classes = loaded[0]["classes"]
+    for n, m in zip(names, loaded):
+        if m["classes"] != classes:
+            raise ValueError(f"report {n!r} has classes {m['classes']}, not {classes}: cannot compare")
+    keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "invalid_rate", "top2_accuracy") if k in loaded[0]]
+    overall = _md_table(["metric"] + names + ([f"Δ {n}" for n in names[1:]]),
+                        [[k] + [m.get(k) for m in loaded] + [_delta(m.get(k), loaded[0].get(k)) for m in loaded[1:]]
+                         for k in keys])
+    rows = []
+    for i, c in enumerate(classes):
+        vals = [m["per_class_accuracy"][i] for m in loaded]
+        rows.append([c] + vals + [_delta(v, vals[0]) for v in vals[1:]])
+    per_class = _md_table(["class"] + names + [f"Δ {n}" for n in names[1:]], rows)
+    img = plot_per_class({n: m["per_class_accuracy"] for n, m in zip(names, loaded)}, classes,
+                         out / "per_class_comparison.png")
+    tables = [("Overall", overall), ("Per-class accuracy", per_class)]
+    atomic_write_text(out / "comparison.json", json.dumps({"names": names, "classes": classes, "reports":
+                                                           [str(r) for r in reports], "metrics": {
+        n: {k: m.get(k) for k in keys + ["per_class_accuracy"]} for n, m in zip(names, loaded)}}, indent=2) + "\n")
+    md = "# Comparison\n\n" + "\n\n".join(f"## {h}\n\n{t}" for h, t in tables) + f"\n\n![per class]({img.name})\n"
+    atomic_write_text(out / "comparison.md", md)
+    atomic_write_text(out / "comparison.html", _html_page("cervl comparison", tables, [img]))
+    return out / "comparison.md"
+
+
+def _delta(v, ref):
+    if v is None or ref is None:
+        return None
+    return f"{v - ref:+.4f}"
+
+
+def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | None = None, title: str | None = None) -> dict:
+    """Compute metrics from a predictions file and write the report folder; returns the metrics."""
+    from cervl.labels import get_label_set
+    from cervl.metrics import summarize
+
+    path, out = Path(path), Path(out)
+    meta_path = Path(str(path) + ".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    name = label_set or meta.get("label_set")
+    if not name:
+        raise ValueError(f"{path}: no {meta_path.name}; pass --label-set")
+    ls = get_label_set(name)
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: malformed JSON line") from None
+    labelled = [r for r in rows if r.get("label") is not None]
+    if not labelled:
+        raise ValueError(f"{path}: no predictions with a true label; nothing to evaluate")
+    for r in labelled:
+        if r["label"] not in ls:
+            raise ValueError(f"{path}: sample {r['id']!r} has label {r['label']!r}, not in {ls.name!r}")
+    y_true = np.array([ls.index_of[r["label"]] for r in labelled])
+    y_pred = np.array([ls.index_of[r["pred"]] if r.get("pred") in ls else -1 for r in labelled])
+    probs = None
+    if all("probs" in r for r in labelled):
+        probs = np.array([[r["probs"][c] for c in ls.classes] for r in labelled])
+    metrics = summarize(y_true, y_pred, len(ls), probs)
+    metrics["errors"] = sum(1 for r in rows if r.get("error"))
+    html = write_report(out, metrics, list(ls.classes), title=title or f"cervl evaluation: {path.name}",
+                        extra={"predictions": str(path), **meta})
+    metrics["report"] = str(html)
+    return metrics
+
+
+ABAW_HEADER = ("image_location,Fearfully_Surprised,Happily_Surprised,Sadly_Surprised,Disgustedly_Surprised,"
+               "Angrily_Surprised,Sadly_Fearful,Sadly_Angry")
+
+
+def write_abaw_submission(rows: list[dict], path: str | Path) -> Path:
+    """The official ABAW compound-expression submission file.
+
+    ``rows`` carry ``video``, ``frame`` (1-based) and ``pred`` (a C-EXPR-DB class name). Lines are
+    ``<video>/<frame:05d>.jpg,<index 0-6>`` sorted by video and frame, after the official header.
+    """
+    from cervl.labels import get_label_set
+
+    ls = get_label_set("cexprdb")
+    lines = [ABAW_HEADER]
+    for r in sorted(rows, key=lambda r: (str(r["video"]), int(r["frame"]))):
+        if r.get("pred") not in ls:
+            raise ValueError(f"frame {r.get('video')}/{r.get('frame')}: prediction {r.get('pred')!r} is not a "
+                             f"C-EXPR-DB class; the submission needs one of {list(ls.classes)}")
+        if int(r["frame"]) < 1:
+            raise ValueError(f"frame numbers are 1-based; got {r['frame']} for video {r['video']}")
+        lines.append(f"{r['video']}/{int(r['frame']):05d}.jpg,{ls.index_of[r['pred']]}")
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    return Path(path)
