@@ -26,7 +26,7 @@ def manifests(tmp_path_factory):
 def recipe(tmp_path, manifests, *, stages=2, model="tiny-qwen2-vl", steps=4, dropout=0.05, batch=4, **top):
     st = [{"name": "basic", "data": [{"manifest": str(manifests / "synthce-basic-aligned.jsonl")}],
            "label_set": "rafdb-basic", "prompt": "minimal",
-           "lora": {"rank": 16, "alpha": 32, "dropout": dropout}, "max_steps": steps, "lr": 1e-3,
+           "lora": {"rank": 16, "alpha": 32, "dropout": dropout, "embeddings": "full"}, "max_steps": steps, "lr": 1e-3,
            "batch_size": batch},
           {"name": "compound", "data": [{"manifest": str(manifests / "synthce-compound-aligned.jsonl")}],
            "label_set": "rafdb-compound", "prompt": "minimal",

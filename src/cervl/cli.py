@@ -161,6 +161,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--normalize", default="sum", choices=["sum", "mean"],
                    help="score mode: sum (default) or mean log-likelihood over the answer tokens")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--align", action="store_true", help="detect and align faces in photos before predicting")
+    p.add_argument("--detector", default="mtcnn")
+    p.add_argument("--frames-as-video", action="store_true", help="treat each input folder as one video's frames")
+    p.add_argument("--every", type=int, default=1, help="videos: predict every Nth frame")
+    p.add_argument("--smoothing", default="gaussian", choices=["none", "moving", "gaussian"])
+    p.add_argument("--window", type=int, default=5, help="moving-average window (frames)")
+    p.add_argument("--sigma", type=float, default=1.5, help="Gaussian smoothing sigma (frames)")
+    p.add_argument("--plot", action="store_true", help="videos: write <out>.<video>.png of probabilities over time")
     p.add_argument("-o", "--out", required=True, type=Path, help="predictions JSONL")
     p.set_defaults(func=_run_predict)
 
@@ -178,6 +186,8 @@ def _predict_items(args) -> list[dict]:
             items.append({"id": r.sample_id, "image": m.image_path(r), "label": r.label, "video": r.video,
                           "frame": r.frame})
     for path in args.inputs:
+        if _is_video_input(path, args):
+            continue
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             items += [{"id": str(f.relative_to(path)), "image": f} for f in files]
@@ -185,9 +195,15 @@ def _predict_items(args) -> list[dict]:
             items.append({"id": path.name, "image": path})
         else:
             raise FileNotFoundError(f"input not found: {path}")
-    if not items:
+    if not items and not any(_is_video_input(p, args) for p in args.inputs):
         raise ValueError("nothing to predict: give image files/folders or --manifest (with a non-empty --split)")
     return items
+
+
+def _is_video_input(path: Path, args) -> bool:
+    from cervl.faces.video import is_video
+
+    return (path.is_file() and is_video(path)) or (path.is_dir() and getattr(args, "frames_as_video", False))
 
 
 def _run_predict(args) -> int:
@@ -196,7 +212,31 @@ def _run_predict(args) -> int:
 
     items = _predict_items(args)
     predictor = Predictor.from_run(args.run)
-    rows = list(predictor.predict(items, mode=args.mode, batch_size=args.batch_size, normalize=args.normalize))
+    rows = []
+    if items and args.align:
+        from PIL import Image
+
+        from cervl.faces.pipeline import FaceAligner
+
+        aligner = FaceAligner(args.detector)
+        for item in items:
+            try:
+                with Image.open(item["image"]) as im:
+                    res = aligner.align(im.convert("RGB"))[0]
+            except Exception as e:
+                item["error"] = f"{type(e).__name__}: {e}"
+                continue
+            item["face_status"] = res.status
+            if res.crop is not None:
+                item["pil"] = res.crop
+        for item in [i for i in items if "pil" not in i]:
+            reason = item.get("error") or f"no face found ({item.get('face_status')})"
+            log.warning("%s: %s", item["image"], reason)
+            rows.append({"id": item["id"], "image": str(item["image"]), "label": item.get("label"), "pred": None,
+                         "error": reason})
+        items = [i for i in items if "pil" in i]
+    rows += list(predictor.predict(items, mode=args.mode, batch_size=args.batch_size, normalize=args.normalize))
+    rows += _predict_videos(args, predictor)
     atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     meta = {"run": str(args.run), "mode": args.mode, "normalize": args.normalize,
             "label_set": predictor.label_set.name, "prompt": predictor.style.name,
@@ -206,6 +246,111 @@ def _run_predict(args) -> int:
     invalid = sum(1 for r in rows if r["pred"] is None and not r.get("error"))
     print(f"wrote {len(rows)} predictions to {args.out} ({errors} unreadable images, {invalid} invalid answers)")
     return 0
+
+
+def _predict_videos(args, predictor) -> list[dict]:
+    """Per-frame rows for every video input; a broken video is reported and the others go on."""
+    from cervl.faces.detect import make_detector
+    from cervl.faces.video import VideoError
+    from cervl.predict import plot_video_probs, predict_video
+
+    videos = [p for p in args.inputs if _is_video_input(p, args)]
+    if not videos:
+        return []
+    if args.mode != "score":
+        raise ValueError("video prediction uses --mode score (per-frame probabilities are smoothed over time)")
+    detector = make_detector(args.detector)
+    rows = []
+    for v in videos:
+        try:
+            vrows = predict_video(predictor, v, detector, every=args.every, smoothing=args.smoothing,
+                                  window=args.window, sigma=args.sigma)
+        except (VideoError, ValueError) as e:
+            log.error("video %s: %s", v, e)
+            rows.append({"video": v.stem, "image": str(v), "pred": None, "error": str(e)})
+            continue
+        lost = sum(r["status"] == "lost" for r in vrows)
+        print(f"{v}: {len(vrows)} frames predicted ({lost} without a face)")
+        if args.plot:
+            png = plot_video_probs(vrows, predictor.label_set.classes, Path(f"{args.out}.{vrows[0]['video']}.png"))
+            print(f"  plot: {png}")
+        rows += [{**r, "image": str(v)} for r in vrows]
+    return rows
+
+
+def _add_abaw(sub) -> None:
+    p = sub.add_parser("abaw", help="ABAW compound-expression submission file for a folder of C-EXPR-DB videos",
+                       description="ROOT holds the test videos (mp4/avi...) or one folder of frames per video. "
+                                   "Every frame gets a line <video>/<frame:05d>.jpg,<0-6> (1-based frames).")
+    p.add_argument("root", type=Path)
+    p.add_argument("--run", required=True, type=Path, help="a run trained with label set cexprdb (or a superset)")
+    p.add_argument("-o", "--out", required=True, type=Path)
+    p.add_argument("--every", type=int, default=1, help="score every Nth frame; others take the nearest score")
+    p.add_argument("--smoothing", default="gaussian", choices=["none", "moving", "gaussian"])
+    p.add_argument("--detector", default="mtcnn")
+    p.set_defaults(func=_run_abaw)
+
+
+def _run_abaw(args) -> int:
+    import numpy as np
+
+    from cervl.faces.detect import make_detector
+    from cervl.faces.video import VideoError, is_video
+    from cervl.labels import get_label_set
+    from cervl.predict import Predictor, predict_video
+    from cervl.report import write_abaw_submission
+
+    predictor = Predictor.from_run(args.run)
+    cexpr = get_label_set("cexprdb")
+    missing = [c for c in cexpr.classes if c not in predictor.label_set]
+    if missing:
+        raise ValueError(f"run {args.run} predicts {predictor.label_set.name}, which lacks {missing}")
+    inputs = sorted(p for p in args.root.iterdir() if (p.is_file() and is_video(p)) or p.is_dir())
+    if not inputs:
+        raise ValueError(f"no videos or frame folders in {args.root}")
+    detector = make_detector(args.detector)
+    keep = [predictor.label_set.index_of[c] for c in cexpr.classes]
+    rows, failed = [], []
+    for v in inputs:
+        try:
+            vrows = predict_video(predictor, v, detector, every=1, smoothing=args.smoothing) if args.every == 1 else \
+                _every_n_filled(predictor, v, detector, args)
+        except (VideoError, ValueError) as e:
+            log.error("%s: %s", v, e)
+            failed.append(str(v))
+            continue
+        for r in vrows:
+            probs = r.get("probs_smoothed")
+            if probs is None:
+                failed.append(f"{v} (no face in any frame)")
+                break
+            # restrict to the 7 challenge classes (a run may predict a superset such as rafdb-compound)
+            p = np.array([probs[predictor.label_set.classes[i]] for i in keep])
+            rows.append({"video": r["video"], "frame": r["frame"], "pred": cexpr.classes[int(p.argmax())]})
+    write_abaw_submission(rows, args.out)
+    print(f"wrote {len(rows)} frame predictions for {len(inputs) - len(failed)} videos to {args.out}")
+    if failed:
+        print(f"failed: {failed}")
+    return 0 if not failed else 1
+
+
+def _every_n_filled(predictor, video, detector, args) -> list[dict]:
+    """Score every Nth frame, then give every decoded frame the nearest scored frame's probabilities."""
+    from cervl.faces.video import read_frames
+    from cervl.predict import predict_video
+
+    scored = predict_video(predictor, video, detector, every=args.every, smoothing=args.smoothing)
+    all_frames = [n for n, _ in read_frames(video, 1)]
+    by_frame = {r["frame"]: r for r in scored}
+    keys = sorted(by_frame)
+    import bisect
+
+    out = []
+    for n in all_frames:
+        i = bisect.bisect_left(keys, n)
+        near = min((k for k in keys[max(0, i - 1): i + 1]), key=lambda k: abs(k - n))
+        out.append({**by_frame[near], "frame": n})
+    return out
 
 
 def _add_eval(sub) -> None:
@@ -242,6 +387,103 @@ def _run_compare(args) -> int:
     names = args.names.split(",") if args.names else None
     md = write_comparison(args.reports, args.out, names)
     print(md.read_text())
+    return 0
+
+
+def _add_ablate(sub) -> None:
+    p = sub.add_parser("ablate", help="run an ablation grid (YAML) and write one comparison table and plot")
+    p.add_argument("grid", type=Path, help="ablation YAML, e.g. configs/ablation-quickstart.yaml")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_run_ablate)
+
+
+def _run_ablate(args) -> int:
+    from cervl.ablate import run_ablation
+
+    md = run_ablation(args.grid, progress=args.progress)
+    print(md.read_text())
+    print(f"ablation report: {md.with_suffix('.html')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# cervl align
+# ----------------------------------------------------------------------------------------------
+
+def _add_align(sub) -> None:
+    p = sub.add_parser("align", help="detect faces and write 5-point aligned crops plus a manifest",
+                       description="INPUT is a folder of images or a manifest. Known landmarks in a manifest "
+                                   "(e.g. RAF-DB manual annotations) are used instead of detection.")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (crops, manifest.jsonl, summary.json)")
+    p.add_argument("--size", type=int, default=112, help="crop size (default 112, the 5-point template size)")
+    p.add_argument("--detector", default="mtcnn")
+    p.add_argument("--faces", default="largest", choices=["largest", "all"])
+    p.add_argument("--fallback", default="skip", choices=["skip", "center"], help="when no face is found")
+    p.add_argument("--label-set", default="basic-7", help="label set of the output records for folder input")
+    p.add_argument("--split", default="test", help="split of the output records for folder input")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_run_align)
+
+
+def _run_align(args) -> int:
+    from collections import Counter
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from cervl.data.base import IMAGE_SUFFIXES
+    from cervl.data.manifest import Record, atomic_write_text, read_manifest, write_manifest
+    from cervl.faces.pipeline import FaceAligner
+
+    if args.input.is_dir():
+        files = sorted(p for p in args.input.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        jobs = [(Record(image=str(f.relative_to(args.input)), label=None, label_set=args.label_set, split=args.split,
+                        dataset="folder", id=str(f.relative_to(args.input))), f, None) for f in files]
+    elif args.input.is_file():
+        m = read_manifest(args.input)
+        jobs = [(r, m.image_path(r), r.landmarks if r.source is None else None) for r in m]
+    else:
+        raise FileNotFoundError(f"input not found: {args.input}")
+    if not jobs:
+        raise ValueError(f"no images in {args.input}")
+    aligner = FaceAligner(args.detector, size=args.size, faces=args.faces, fallback=args.fallback)
+    crops_dir = args.out / "crops"
+    crops_dir.mkdir(parents=True, exist_ok=True)
+    records, statuses, log_rows = [], Counter(), []
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc="align", unit="batch"):
+        batch = jobs[start:start + args.batch_size]
+        images, ok = [], []
+        for rec, path, lm in batch:
+            try:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+                ok.append((rec, path, lm))
+            except Exception as e:
+                statuses["unreadable"] += 1
+                log_rows.append({"image": str(path), "status": "unreadable", "error": str(e)})
+        for (rec, path, lm), results in zip(ok, aligner.align_batch(images, [lm for _, _, lm in ok])):
+            for res in results:
+                statuses[res.status] += 1
+                log_rows.append({"image": str(path), "status": res.status, "faces": res.n_faces, "box": res.box,
+                                 "score": res.score})
+                if res.crop is None:
+                    continue
+                name = f"{len(records):06d}_{Path(rec.sample_id).stem}" + (f"_f{res.face_index}" if res.face_index else "")
+                res.crop.save(crops_dir / f"{name}.jpg", quality=95)
+                records.append(Record(image=f"crops/{name}.jpg", label=rec.label, label_set=rec.label_set,
+                                      split=rec.split, dataset=rec.dataset, id=rec.sample_id + (
+                                          f"#face{res.face_index}" if res.face_index else ""),
+                                      landmarks=res.landmarks or (lm if lm else None), bbox=res.box,
+                                      video=rec.video, frame=rec.frame, variant="aligned", source=str(path)))
+    write_manifest(args.out / "manifest.jsonl", records, root=args.out)
+    atomic_write_text(args.out / "align_log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
+    summary = {"inputs": len(jobs), "crops": len(records), "status": dict(statuses), "detector": args.detector,
+               "size": args.size, "faces": args.faces, "fallback": args.fallback}
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"{len(jobs)} images -> {len(records)} aligned crops in {crops_dir}; status: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+    print(f"manifest: {args.out / 'manifest.jsonl'}")
     return 0
 
 
@@ -325,40 +567,25 @@ def _run_demo(args) -> int:
 
 def _add_pretrain_tiny(sub) -> None:
     p = sub.add_parser("pretrain-tiny", help="rebuild the shipped tiny pretrained base (AU-caption pretraining)",
-                       description="Generates a separate SynthCE (seed 1000), pretrains tiny-qwen2-vl fully on AU "
-                                   "captions with configs/pretrain-tiny.yaml and writes the result (safetensors, "
-                                   "tokenizer, processor) to the package's assets/tiny-base.")
+                       description="Generates a separate SynthCE (seed 1000), warms up the vision tower on AU "
+                                   "intensities, then fine-tunes tiny-qwen2-vl fully on AU captions with "
+                                   "configs/pretrain-tiny.yaml; writes safetensors, tokenizer and processor to the "
+                                   "package's assets/tiny-base. See cervl/pretrain_tiny.py.")
     p.add_argument("--config", type=Path, default=REPO_CONFIGS / "pretrain-tiny.yaml")
     p.add_argument("--per-class", type=int, default=300)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "assets" / "tiny-base")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--warmup-steps", type=int, default=400, help="vision warm-up steps (phase 1)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_run_pretrain_tiny)
 
 
 def _run_pretrain_tiny(args) -> int:
-    import shutil
+    from cervl.pretrain_tiny import pretrain_tiny
 
-    from cervl.config import load_config
-    from cervl.train import train
-
-    cfg = load_config(args.config, args.overrides)
-    manifests = Path(cfg.stages[0].data[0].manifest).parent
-    _prepare_synth(manifests / "synthce", manifests, per_class=args.per_class, seed=1000, prefix="",
-                   val_fraction=0.05, workers=args.workers)
-    result = train(cfg)
-    final = Path(result["run_dir"]) / "final"
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final, tmp, ignore=shutil.ignore_patterns("cervl.json"))
-    metrics = (Path(result["run_dir"]) / "stages").glob("*/metrics.csv")
-    provenance = {"command": "cervl pretrain-tiny " + " ".join(args.overrides), "config": str(args.config),
-                  "per_class": args.per_class, "synth_seed": 1000,
-                  "metrics_tail": [p.read_text().splitlines()[-1] for p in metrics]}
-    (tmp / "pretrain.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    shutil.rmtree(args.out, ignore_errors=True)
-    tmp.rename(args.out)
-    print(f"tiny base written to {args.out}")
+    out = pretrain_tiny(args.config, args.overrides, per_class=args.per_class, out=args.out, workers=args.workers,
+                        warmup_steps=args.warmup_steps)
+    print(f"tiny base written to {out}")
     return 0
 
 
@@ -367,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_prepare, _add_train, _add_predict, _add_eval, _add_compare, _add_labels, _add_demo,
+    for add in (_add_synth, _add_prepare, _add_align, _add_train, _add_predict, _add_abaw, _add_eval, _add_compare,
+                _add_ablate, _add_labels,
+                _add_demo,
                 _add_pretrain_tiny):
         add(sub)
     return parser

@@ -39,6 +39,9 @@ class LoraSpec:
                                                         "up_proj", "down_proj"])
     vision: str = "frozen"  # frozen | lora | full
     merger: str = "frozen"  # frozen | lora | full
+    # Token embeddings (tied to the output head in Qwen-VL): auto = trained by method full, frozen by lora.
+    # "full" also trains them in a LoRA stage (needed when the answer words' embeddings were never trained).
+    embeddings: str = "auto"  # auto | frozen | full
 
 
 @dataclass
@@ -161,6 +164,8 @@ def _convert(tp, value, where):
             return float(value)
         except ValueError:
             pass
+    if tp is dict and isinstance(value, dict):
+        return value
     if tp is bool and isinstance(value, bool):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -253,7 +258,8 @@ def validate(cfg: RunConfig, source: Path | str = "config") -> None:
         for key, value, choices in (("method", st.method, ("lora", "full")),
                                     ("schedule", st.schedule, ("cosine", "linear", "constant")),
                                     ("lora.vision", st.lora.vision, ("frozen", "lora", "full")),
-                                    ("lora.merger", st.lora.merger, ("frozen", "lora", "full"))):
+                                    ("lora.merger", st.lora.merger, ("frozen", "lora", "full")),
+                                    ("lora.embeddings", st.lora.embeddings, ("auto", "frozen", "full"))):
             if value not in choices:
                 raise ConfigError(f"{where}: '{key}' must be one of {choices}, got {value!r}")
         try:

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -363,3 +364,76 @@ def _row(item: dict) -> dict:
         if item.get(key) is not None:
             row[key] = item[key]
     return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Videos
+# ----------------------------------------------------------------------------------------------
+
+def predict_video(predictor: "Predictor", path, detector, *, every: int = 1, smoothing: str = "gaussian",
+                  window: int = 5, sigma: float = 1.5, batch_size: int = 16, size: int = 112) -> list[dict]:
+    """Per-frame predictions for one video (file or frame folder): detect, track, align, score, smooth.
+
+    Frames without a face keep ``status: lost`` and no probabilities of their own; the smoothed
+    output carries the neighbours' probabilities over them (so every sampled frame gets a label),
+    and ``pred`` of a lost frame is None when no face was seen anywhere in the video.
+    """
+    from cervl.faces.video import smooth, video_faces
+
+    video = Path(path).stem if Path(path).is_file() else Path(path).name
+    frames = list(video_faces(path, detector, every=every, size=size, batch_size=batch_size))
+    if not frames:
+        raise ValueError(f"{path}: no frames decoded")
+    have = [i for i, f in enumerate(frames) if f.crop is not None]
+    k = len(predictor.label_set)
+    raw = np.full((len(frames), k), np.nan)
+    if have:
+        probs = predictor.score([frames[i].crop for i in have], batch_size=batch_size)
+        raw[have] = probs
+    # Fill frames without a face from the nearest frame with one, then smooth over time.
+    filled = raw.copy()
+    if have:
+        idx = np.array(have)
+        for i in range(len(frames)):
+            if np.isnan(filled[i, 0]):
+                filled[i] = raw[idx[np.argmin(np.abs(idx - i))]]
+        smoothed = smooth(filled, smoothing, window=window, sigma=sigma)
+    rows = []
+    for i, f in enumerate(frames):
+        row = {"video": video, "frame": f.frame, "id": f"{video}/{f.frame:05d}", "status": f.status, "box": f.box,
+               "probs": None if np.isnan(raw[i, 0]) else {c: round(float(v), 6)
+                                                          for c, v in zip(predictor.label_set.classes, raw[i])}}
+        if have:
+            row["probs_smoothed"] = {c: round(float(v), 6) for c, v in zip(predictor.label_set.classes, smoothed[i])}
+            row["pred"] = predictor.label_set.classes[int(smoothed[i].argmax())]
+        else:
+            row["pred"] = None
+        rows.append(row)
+    return rows
+
+
+def plot_video_probs(rows: list[dict], classes: tuple[str, ...], path) -> Path:
+    """Smoothed class probabilities over time (one line per class), frames without a face shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = [r["frame"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    if rows and "probs_smoothed" in rows[0]:
+        for c in classes:
+            ax.plot(frames, [r["probs_smoothed"][c] for r in rows], label=c, lw=1.4)
+    for r in rows:
+        if r["status"] == "lost":
+            ax.axvspan(r["frame"] - 0.5, r["frame"] + 0.5, color="0.85", lw=0)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("probability (smoothed)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{rows[0]['video'] if rows else ''}: expression over time (grey: no face)", fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -168,15 +168,16 @@ def load_base(cfg: RunConfig, run_dir: Path, accelerator):
 def _restore_finished_stage(model, stage: StageConfig, stage_dir: Path):
     """Bring the in-memory model to the state right after ``stage`` (merging its adapter)."""
     if stage.method == "full":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model as load_safetensors
 
-        state = load_file(stage_dir / "weights" / "model.safetensors")
-        model.load_state_dict(state, strict=False)
+        load_safetensors(model, str(stage_dir / "weights" / "model.safetensors"))
         return model
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, stage_dir / "adapter")
-    return merge_lora(peft_model)
+    merged = merge_lora(peft_model)
+    _load_extra(merged, stage_dir / "adapter")
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +202,31 @@ def _prepare_trainable(model, stage: StageConfig):
         elif stage.method == "full" and ((in_vision and stage.lora.vision == "frozen")
                                          or (in_merger and stage.lora.merger == "frozen")):
             p.requires_grad_(False)
+    if stage.lora.embeddings != "auto":
+        model.get_input_embeddings().weight.requires_grad_(stage.lora.embeddings == "full")
     return model
+
+
+EXTRA = "extra_trainables.safetensors"  # non-LoRA weights a LoRA stage trained (embeddings, full vision...)
+
+
+def _base_name(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def _load_extra(model, adapter_dir: Path) -> None:
+    """Copy a LoRA stage's non-LoRA trained weights into a (merged) model."""
+    path = Path(adapter_dir) / EXTRA
+    if not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(path).items():
+            if name not in params:
+                raise ValueError(f"{path}: parameter {name} not in the model")
+            params[name].copy_(tensor)
 
 
 def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
@@ -337,12 +362,17 @@ def run_stage(model, processor, cfg: RunConfig, index: int, stage: StageConfig, 
     if accelerator.is_main_process:
         if stage.method == "lora":
             model.save_pretrained(stage_dir / "adapter", safe_serialization=True)
+            extra = {_base_name(n): p.detach().contiguous() for n, p in model.named_parameters()
+                     if p.requires_grad and "lora_" not in n}
+            if extra:
+                from safetensors.torch import save_file
+
+                save_file(extra, stage_dir / "adapter" / EXTRA)
         else:
-            from safetensors.torch import save_file
+            from safetensors.torch import save_model as save_safetensors  # handles tied embeddings
 
             (stage_dir / "weights").mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                      stage_dir / "weights" / "model.safetensors")
+            save_safetensors(model, str(stage_dir / "weights" / "model.safetensors"))
         write_json(stage_dir / "DONE.json", info)
         shutil.rmtree(stage_dir / "checkpoint", ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -446,10 +476,11 @@ def load_run(run_dir: str | Path, *, dtype: str = "fp32"):
     for entry in meta["lineage"][1:]:
         if entry["kind"] == "lora":
             model = merge_lora(PeftModel.from_pretrained(model, entry["adapter"]))
+            _load_extra(model, Path(entry["adapter"]))
         else:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_model as load_safetensors
 
-            model.load_state_dict(load_file(Path(entry["weights"]) / "model.safetensors"), strict=False)
+            load_safetensors(model, str(Path(entry["weights"]) / "model.safetensors"))
     return model, processor, meta
 
 

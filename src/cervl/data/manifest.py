@@ -2,6 +2,8 @@
 
 A record's ``image`` is absolute, or relative to its ``root``; ``root`` itself is absolute or
 relative to the manifest file's folder (so a dataset and its manifest can move together).
+``landmarks`` and ``bbox`` are in the pixel coordinates of ``image``, or of ``source`` when a record
+has one (``cervl align`` writes crops whose ``source`` is the photo the face was found in).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Record:
     frame: int | None = None
     aus: dict[str, float] | None = None
     variant: str | None = None
+    source: str | None = None
 
     @property
     def sample_id(self) -> str:
@@ -86,7 +89,7 @@ def validate_record(raw: Any, *, file: str | os.PathLike | None = None, line: in
     for key in _REQUIRED:
         if raw.get(key) in (None, ""):
             raise fail(key, "missing required field")
-    for key in ("image", "label_set", "split", "dataset", "root", "id", "video"):
+    for key in ("image", "label_set", "split", "dataset", "root", "id", "video", "source"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise fail(key, f"expected a string, got {raw[key]!r}")
     try:

@@ -1,0 +1,76 @@
+"""Photo -> aligned face crops: detection (or known landmarks), face choice, similarity alignment.
+
+``FaceAligner.align(image, landmarks=None)`` returns one :class:`AlignResult` per chosen face with a
+status: ``ok``, ``no_face`` (with ``fallback=center`` a centre crop is returned and the status is
+``no_face_center_crop``) or ``multiple`` (more than one face found; the largest is used unless
+``faces=all``). Nothing is dropped silently: every input gets a status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from cervl.faces.align import align_face
+from cervl.faces.detect import FaceDetector, make_detector
+
+
+@dataclass
+class AlignResult:
+    status: str  # ok | multiple | no_face | no_face_center_crop | given_landmarks
+    crop: Image.Image | None
+    box: list[float] | None
+    landmarks: list[list[float]] | None
+    score: float | None = None
+    face_index: int = 0
+    n_faces: int = 0
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+
+
+class FaceAligner:
+    """Detect + align. ``faces``: ``largest`` or ``all``; ``fallback``: ``skip`` or ``center``."""
+
+    def __init__(self, detector: FaceDetector | str = "mtcnn", *, size: int = 112, faces: str = "largest",
+                 fallback: str = "skip", **detector_options):
+        if faces not in ("largest", "all") or fallback not in ("skip", "center"):
+            raise ValueError("faces must be largest|all and fallback skip|center")
+        self.detector = make_detector(detector, **detector_options) if isinstance(detector, str) else detector
+        self.size, self.faces, self.fallback = size, faces, fallback
+
+    def align(self, image: Image.Image, landmarks=None) -> list[AlignResult]:
+        return self.align_batch([image], [landmarks])[0]
+
+    def align_batch(self, images: list[Image.Image], landmarks: list | None = None) -> list[list[AlignResult]]:
+        """Align many images; images with known landmarks skip detection."""
+        landmarks = landmarks or [None] * len(images)
+        need = [i for i, lm in enumerate(landmarks) if lm is None]
+        detected = dict(zip(need, self.detector.detect([images[i] for i in need]) if need else []))
+        out = []
+        for i, image in enumerate(images):
+            image = image.convert("RGB")
+            if landmarks[i] is not None:
+                crop, _ = align_face(image, np.asarray(landmarks[i], dtype=np.float64), self.size)
+                out.append([AlignResult("given_landmarks", crop, None, np.asarray(landmarks[i]).tolist(), None, 0, 1)])
+                continue
+            faces = detected[i]
+            if not faces:
+                crop = center_crop(image, self.size) if self.fallback == "center" else None
+                out.append([AlignResult("no_face_center_crop" if crop else "no_face", crop, None, None, None, 0, 0)])
+                continue
+            chosen = faces if self.faces == "all" else faces[:1]
+            status = "ok" if len(faces) == 1 else "multiple"
+            res = []
+            for k, f in enumerate(chosen):
+                crop, _ = align_face(image, f.landmarks, self.size)
+                res.append(AlignResult(status, crop, f.box.round(2).tolist(), f.landmarks.round(2).tolist(),
+                                       round(f.score, 4), k, len(faces)))
+            out.append(res)
+        return out

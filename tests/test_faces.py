@@ -1,0 +1,123 @@
+"""Face detection and alignment on real faces shipped inside registry packages."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cervl.faces.align import template
+from cervl.faces.detect import make_detector
+from cervl.faces.pipeline import FaceAligner
+
+skimage_data = pytest.importorskip("skimage.data")
+cbook = pytest.importorskip("matplotlib.cbook")
+
+
+def astronaut():
+    return Image.fromarray(skimage_data.astronaut())
+
+
+def grace_hopper():
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return Image.open(f).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def detector():
+    try:
+        return make_detector("mtcnn")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+def _inside(p, box):
+    return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
+
+
+@pytest.mark.parametrize("load, face_box", [
+    # hand-checked face regions (x1, y1, x2, y2) in the original images
+    (astronaut, (170, 50, 285, 185)),
+    (grace_hopper, (160, 100, 370, 360)),
+])
+def test_real_face_found_with_landmarks_in_the_right_regions(detector, load, face_box):
+    img = load()
+    faces = detector.detect([img])[0]
+    assert len(faces) == 1 and faces[0].score > 0.95
+    f = faces[0]
+    box = f.box
+    iou_box = (max(box[0], face_box[0]), max(box[1], face_box[1]), min(box[2], face_box[2]), min(box[3], face_box[3]))
+    assert iou_box[2] > iou_box[0] and iou_box[3] > iou_box[1]
+    le, re_, nose, ml, mr = f.landmarks
+    for p in f.landmarks:
+        assert _inside(p, box)
+    assert le[0] < nose[0] < re_[0]  # eyes either side of the nose
+    assert ml[0] < mr[0]
+    assert max(le[1], re_[1]) < nose[1] < min(ml[1], mr[1])  # eyes above nose above mouth
+    h = box[3] - box[1]
+    assert (le[1] - box[1]) / h < 0.5 and (ml[1] - box[1]) / h > 0.55
+
+
+def test_aligned_crop_puts_eyes_on_template(detector):
+    aligner = FaceAligner(detector, size=112)
+    res = aligner.align(astronaut())[0]
+    assert res.status == "ok" and res.crop.size == (112, 112)
+    again = detector.detect([res.crop.resize((224, 224), Image.BICUBIC)])[0]
+    assert again, "the aligned crop should still contain a detectable face"
+    eyes = again[0].landmarks[:2] / 2.0
+    assert np.abs(eyes - template(112)[:2]).max() < 4.0
+
+
+def test_face_free_image_reports_no_face(detector):
+    rng = np.random.default_rng(0)
+    sky = Image.fromarray((np.ones((240, 320, 3)) * [90, 140, 200] + rng.normal(0, 3, (240, 320, 3))).clip(0, 255)
+                          .astype(np.uint8))
+    assert detector.detect([sky])[0] == []
+    aligner = FaceAligner(detector, fallback="center")
+    res = aligner.align(sky)[0]
+    assert res.status == "no_face_center_crop" and res.crop.size == (112, 112)
+    assert FaceAligner(detector).align(sky)[0].status == "no_face"
+
+
+def test_two_faces_composed(detector):
+    a = astronaut().resize((256, 256))
+    g = grace_hopper().resize((220, 256))
+    canvas = Image.new("RGB", (520, 300), (128, 128, 128))
+    canvas.paste(a, (10, 20))
+    canvas.paste(g, (290, 30))
+    faces = detector.detect([canvas])[0]
+    assert len(faces) == 2
+    xs = sorted((f.box[0] + f.box[2]) / 2 for f in faces)
+    assert xs[0] < 260 < xs[1]
+    res = FaceAligner(detector, faces="all").align(canvas)
+    assert len(res) == 2 and {r.status for r in res} == {"multiple"}
+
+
+@pytest.mark.parametrize("angle", [-30, 25])
+def test_rotated_input_aligns_upright(detector, angle):
+    img = grace_hopper().rotate(angle, resample=Image.BICUBIC, expand=True, fillcolor=(128, 128, 128))
+    faces = detector.detect([img])[0]
+    assert faces
+    le, re_ = faces[0].landmarks[:2]
+    tilt = np.degrees(np.arctan2(re_[1] - le[1], re_[0] - le[0]))
+    assert abs(tilt + angle) < 12  # PIL rotates counter-clockwise: the eye line tilts by -angle
+    crop = FaceAligner(detector).align(img)[0].crop
+    eyes = detector.detect([crop.resize((224, 224))])[0][0].landmarks[:2] / 2
+    assert abs(eyes[0, 1] - eyes[1, 1]) < 4  # upright after alignment
+
+
+def test_synthce_original_aligns_to_its_aligned_variant(tmp_path):
+    """With SynthCE's known landmarks, aligning the original reproduces the shipped aligned image."""
+    from cervl.data import make_reader
+    from cervl.data.synth import generate
+
+    generate(tmp_path, per_class=2, seed=11, subsets=("compound",), progress=False)
+    orig = make_reader("rafdb", tmp_path / "compound", subset="compound", variant="original").read()
+    aligned = {r.id: r for r in make_reader("rafdb", tmp_path / "compound", subset="compound").read()}
+    aligner = FaceAligner.__new__(FaceAligner)
+    aligner.size, aligner.faces, aligner.fallback, aligner.detector = 112, "largest", "skip", None
+    diffs = []
+    for r in orig[:8]:
+        img = Image.open(tmp_path / "compound" / r.image)
+        crop = aligner.align(img, landmarks=r.landmarks)[0].crop
+        ref = np.asarray(Image.open(tmp_path / "compound" / aligned[r.id].image), dtype=float)
+        diffs.append(np.abs(np.asarray(crop, dtype=float) - ref).mean())
+    assert max(diffs) < 4.0  # JPEG round trips only (0-255 scale)

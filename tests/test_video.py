@@ -1,0 +1,102 @@
+"""Video decoding, tracking, smoothing and per-frame prediction; the ABAW command end to end."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cervl.faces.video import FaceTracker, VideoError, read_frames, smooth
+
+cv2 = pytest.importorskip("cv2")
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def write_video(path, frames, fps=10):
+    h, w = frames[0].shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for f in frames:
+        vw.write(np.ascontiguousarray(f[:, :, ::-1]))
+    vw.release()
+    return path
+
+
+def face_frames(n=9, blank=(4, 5)):
+    """A face drifting right; frames in ``blank`` (1-based) show no face."""
+    face = np.asarray(Image.fromarray(skimage_data.astronaut()).crop((140, 20, 320, 220)).resize((150, 166)))
+    out = []
+    for i in range(1, n + 1):
+        canvas = np.full((240, 320, 3), 110, np.uint8)
+        if i not in blank:
+            x = 20 + 8 * i
+            canvas[30:196, x:x + 150] = face
+        out.append(canvas)
+    return out
+
+
+def test_read_frames_numbering_and_every(tmp_path):
+    path = write_video(tmp_path / "v.avi", face_frames(7, blank=()))
+    assert [n for n, _ in read_frames(path)] == list(range(1, 8))
+    assert [n for n, _ in read_frames(path, every=3)] == [1, 4, 7]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in (1, 2, 3, 10):
+        Image.new("RGB", (8, 8)).save(folder / f"{i:05d}.jpg")
+    assert [n for n, _ in read_frames(folder, every=2)] == [1, 3]
+
+
+def test_corrupt_and_empty_videos_raise_clear_errors(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+    with pytest.raises(VideoError, match="bad.mp4"):
+        list(read_frames(bad))
+    with pytest.raises(VideoError, match="not found"):
+        list(read_frames(tmp_path / "missing.mp4"))
+
+
+def test_smoothing_keeps_distributions():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), 20)
+    for method in ("moving", "gaussian"):
+        s = smooth(p, method)
+        assert np.allclose(s.sum(1), 1) and s.std(0).sum() < p.std(0).sum()
+    assert np.array_equal(smooth(p, "none"), p)
+    step = np.zeros((10, 2))
+    step[:5, 0] = step[5:, 1] = 1
+    assert smooth(step, "moving", window=3)[4].tolist() == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_tracker_keeps_the_same_person():
+    from cervl.faces.detect import Face
+
+    def f(x):
+        return Face(np.array([x, 0, x + 50, 60.0]), 1.0, np.zeros((5, 2)))
+
+    t = FaceTracker()
+    assert t.choose([f(100), f(0)])[0].box[0] == 100  # largest/first to start
+    assert t.choose([f(0), f(105)])[0].box[0] == 105  # follows overlap, not order
+    assert t.choose([])[1] == "lost"
+    assert t.choose([f(300), f(110)])[0].box[0] == 110
+
+
+def test_video_round_trip_through_prediction(tmp_path):
+    from cervl.faces.detect import make_detector
+    from cervl.models import build_tiny
+    from cervl.predict import Predictor, plot_video_probs, predict_video
+
+    try:
+        det = make_detector("mtcnn")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    path = write_video(tmp_path / "clip.avi", face_frames(9, blank=(4, 5)))
+    model, proc = build_tiny("tiny-qwen2-vl", seed=0)
+    pred = Predictor(model, proc, "minimal", "cexprdb")
+    rows = predict_video(pred, path, det, every=1, smoothing="gaussian")
+    assert [r["frame"] for r in rows] == list(range(1, 10))
+    assert [r["status"] for r in rows][3:5] == ["lost", "lost"]
+    assert all(r["status"] in ("tracked", "switched") for r in rows[:3] + rows[5:])
+    assert rows[3]["probs"] is None and rows[3]["pred"] in pred.label_set  # filled from neighbours
+    assert all(abs(sum(r["probs_smoothed"].values()) - 1) < 1e-6 for r in rows)
+    assert [r["id"] for r in rows][:2] == ["clip/00001", "clip/00002"]
+    every = predict_video(pred, path, det, every=4)
+    assert [r["frame"] for r in every] == [1, 5, 9]
+    png = plot_video_probs(rows, pred.label_set.classes, tmp_path / "p.png")
+    assert Image.open(png).size[0] > 300
