@@ -1,0 +1,40 @@
+"""The tiny pretrained base shipped in the package."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from cervl.models import TINY_PRESETS, build_tiny, load_model, tiny_config, train_tokenizer, tokenizer_corpus
+from cervl.train import ASSET_BASE
+
+
+def _strip(d):
+    skip = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "architectures", "use_cache"}
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in skip}
+    return d
+
+
+def test_shipped_base_loads_and_matches_the_preset_config():
+    assert (ASSET_BASE / "model.safetensors").is_file(), "run `cervl pretrain-tiny`"
+    assert not list(ASSET_BASE.glob("*.bin")) and not list(ASSET_BASE.glob("*.pt"))
+    size_mb = sum(p.stat().st_size for p in ASSET_BASE.iterdir()) / 2**20
+    assert size_mb < 20
+    model, proc = load_model(ASSET_BASE, dtype="fp32")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    fresh, fresh_proc = build_tiny("tiny-qwen2-vl")
+    shipped = _strip(json.loads((ASSET_BASE / "config.json").read_text()))
+    expected = _strip(fresh.config.to_dict())
+    for key in ("text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id"):
+        assert shipped[key] == expected[key], key
+    # the in-process tokenizer is deterministic: the shipped one is what the command trains
+    assert proc.tokenizer.get_vocab() == fresh_proc.tokenizer.get_vocab()
+    assert proc.image_processor.size == fresh_proc.image_processor.size
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in fresh.parameters())
+    # and it is not the random init: pretraining changed the weights
+    a = dict(model.named_parameters())["model.visual.patch_embed.proj.weight"]
+    b = dict(fresh.named_parameters())["model.visual.patch_embed.proj.weight"]
+    assert not torch.allclose(a, b)
+    provenance = json.loads((ASSET_BASE / "pretrain.json").read_text())
+    assert provenance["command"].startswith("cervl pretrain-tiny")
