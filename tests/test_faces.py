@@ -57,13 +57,22 @@ def test_real_face_found_with_landmarks_in_the_right_regions(detector, load, fac
 
 
 def test_aligned_crop_puts_eyes_on_template(detector):
+    from cervl.faces.align import apply_affine, fit_similarity
+
     aligner = FaceAligner(detector, size=112)
     res = aligner.align(astronaut())[0]
     assert res.status == "ok" and res.crop.size == (112, 112)
+    m = fit_similarity(np.array(res.landmarks), template(112))
+    eyes = apply_affine(m, np.array(res.landmarks)[:2])
+    assert np.abs(eyes - template(112)[:2]).max() < 3.0
+    # independent check: re-detected on the crop, the eyes are level and at the template's spacing
     again = detector.detect([res.crop.resize((224, 224), Image.BICUBIC)])[0]
     assert again, "the aligned crop should still contain a detectable face"
-    eyes = again[0].landmarks[:2] / 2.0
-    assert np.abs(eyes - template(112)[:2]).max() < 4.0
+    le, re_ = again[0].landmarks[:2] / 2.0
+    assert abs(le[1] - re_[1]) < 2.0
+    spacing = template(112)[1, 0] - template(112)[0, 0]
+    assert abs((re_[0] - le[0]) - spacing) < 0.12 * spacing
+    assert abs((le[0] + re_[0]) / 2 - 56) < 3.0
 
 
 def test_face_free_image_reports_no_face(detector):

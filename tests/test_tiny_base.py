@@ -24,7 +24,9 @@ def test_shipped_base_loads_and_matches_the_preset_config():
     model, proc = load_model(ASSET_BASE, dtype="fp32")
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     fresh, fresh_proc = build_tiny("tiny-qwen2-vl")
-    shipped = _strip(json.loads((ASSET_BASE / "config.json").read_text()))
+    from transformers import AutoConfig
+
+    shipped = _strip(AutoConfig.from_pretrained(ASSET_BASE).to_dict())
     expected = _strip(fresh.config.to_dict())
     for key in ("text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id"):
         assert shipped[key] == expected[key], key

@@ -94,7 +94,7 @@ def test_video_round_trip_through_prediction(tmp_path):
     assert [r["status"] for r in rows][3:5] == ["lost", "lost"]
     assert all(r["status"] in ("tracked", "switched") for r in rows[:3] + rows[5:])
     assert rows[3]["probs"] is None and rows[3]["pred"] in pred.label_set  # filled from neighbours
-    assert all(abs(sum(r["probs_smoothed"].values()) - 1) < 1e-6 for r in rows)
+    assert all(abs(sum(r["probs_smoothed"].values()) - 1) < 1e-4 for r in rows)  # 6-decimal rounding
     assert [r["id"] for r in rows][:2] == ["clip/00001", "clip/00002"]
     every = predict_video(pred, path, det, every=4)
     assert [r["frame"] for r in every] == [1, 5, 9]
