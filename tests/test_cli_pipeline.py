@@ -1,0 +1,99 @@
+"""The real commands end to end on a tiny run: train -> predict -> eval -> compare, align, abaw."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from cervl.cli import _prepare_synth
+
+
+def cervl(*args):
+    return subprocess.run([sys.executable, "-m", "cervl.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    _prepare_synth(base / "synthce", base / "m", per_class=3, seed=9, val_fraction=0.0)
+    cfg = {"model": {"name": "tiny-qwen2-vl"}, "output_dir": str(base / "run"), "checkpoint_every": 0,
+           "stages": [{"name": "compound", "data": [{"manifest": str(base / "m" / "synthce-compound-aligned.jsonl")}],
+                       "label_set": "rafdb-compound", "prompt": "minimal", "max_steps": 2, "batch_size": 4,
+                       "lr": 1e-3, "lora": {"rank": 4, "alpha": 8}}]}
+    (base / "r.yaml").write_text(yaml.safe_dump(cfg))
+    res = cervl("train", base / "r.yaml", "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return base
+
+
+def test_predict_eval_compare(run):
+    m = run / "m"
+    for variant in ("aligned", "original"):
+        res = cervl("predict", "--run", run / "run", "--manifest", m / f"synthce-compound-{variant}.jsonl",
+                    "--split", "test", "-o", run / f"{variant}.jsonl")
+        assert res.returncode == 0, res.stderr[-2000:]
+        rows = [json.loads(l) for l in (run / f"{variant}.jsonl").read_text().splitlines()]
+        assert len(rows) == 11 and all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
+        res = cervl("eval", run / f"{variant}.jsonl", "-o", run / f"rep-{variant}")
+        assert res.returncode == 0 and "report:" in res.stdout, res.stderr[-2000:]
+        metrics = json.loads((run / f"rep-{variant}" / "metrics.json").read_text())
+        acc = np.mean([r["pred"] == r["label"] for r in rows])
+        assert metrics["accuracy"] == pytest.approx(acc) and metrics["n"] == 11
+    res = cervl("compare", run / "rep-aligned", run / "rep-original", "-o", run / "cmp")
+    assert res.returncode == 0 and "| accuracy |" in res.stdout
+    gen = cervl("predict", "--run", run / "run", "--manifest", m / "synthce-compound-aligned.jsonl", "--split",
+                "test", "--mode", "generate", "-o", run / "gen.jsonl")
+    assert gen.returncode == 0 and "invalid answers" in gen.stdout, gen.stderr[-2000:]
+
+
+def test_predict_reports_corrupt_images_and_goes_on(run, tmp_path):
+    Image.new("RGB", (112, 112), (120, 90, 80)).save(tmp_path / "ok.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    res = cervl("predict", "--run", run / "run", tmp_path, "-o", tmp_path / "p.jsonl")
+    assert res.returncode == 0 and "1 unreadable images" in res.stdout
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+    assert rows["broken.jpg"]["pred"] is None and "error" in rows["broken.jpg"]
+    assert rows["ok.jpg"]["pred"] is not None
+
+
+def test_align_folder_and_manifest_with_landmarks(run, tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(skimage_data.astronaut()).save(photos / "astronaut.jpg")
+    Image.new("RGB", (200, 150), (40, 120, 200)).save(photos / "sky.jpg")
+    res = cervl("align", photos, "-o", tmp_path / "al")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "al" / "summary.json").read_text())
+    assert summary["status"] == {"ok": 1, "no_face": 1} and summary["crops"] == 1
+    rec = json.loads((tmp_path / "al" / "manifest.jsonl").read_text().splitlines()[0])
+    assert rec["source"].endswith("astronaut.jpg") and len(rec["landmarks"]) == 5
+    assert Image.open(tmp_path / "al" / rec["image"]).size == (112, 112)
+    # a manifest with known landmarks (SynthCE originals) is aligned without detection
+    res = cervl("align", run / "m" / "synthce-compound-original.jsonl", "-o", tmp_path / "al2")
+    assert res.returncode == 0
+    assert json.loads((tmp_path / "al2" / "summary.json").read_text())["status"] == {"given_landmarks": 33}
+
+
+def test_abaw_command_on_frame_folders(run, tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    face = Image.fromarray(skimage_data.astronaut()).crop((140, 20, 320, 220))
+    for video, n in (("v1", 3), ("v2", 2)):
+        (tmp_path / "videos" / video).mkdir(parents=True)
+        for i in range(1, n + 1):
+            canvas = Image.new("RGB", (320, 240), (110, 110, 110))
+            canvas.paste(face, (40 + 5 * i, 20))
+            canvas.save(tmp_path / "videos" / video / f"{i:05d}.jpg")
+    res = cervl("abaw", tmp_path / "videos", "--run", run / "run", "-o", tmp_path / "sub.txt")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = (tmp_path / "sub.txt").read_text().splitlines()
+    assert lines[0].startswith("image_location,Fearfully_Surprised")
+    assert [l.split(",")[0] for l in lines[1:]] == ["v1/00001.jpg", "v1/00002.jpg", "v1/00003.jpg", "v2/00001.jpg",
+                                                    "v2/00002.jpg"]
+    assert all(0 <= int(l.split(",")[1]) <= 6 for l in lines[1:])
