@@ -1,11 +1,11 @@
 """Score vs generate on the same model and images, in one process.
 
 Prints images/s per mode, their ratio, the agreement between modes and generate's invalid rate:
-1. the quickstart run (`make demo` first; default runs/demo/run) with its own prompt and a context-prompt pass;
+1. trained tiny runs with their own prompts: the quickstart (minimal prompt) and the ablation's context-prompt cell;
 2. a larger random-init Qwen2-VL (hidden 512, 8 layers, real-size prompt) where the prompt dominates cost,
    as at real scale (its generated answers are noise, so only its speed is meaningful).
 
-Run: .venv/bin/python benchmarks/predict_modes.py [--run runs/demo/run] [--n 48]
+Run: .venv/bin/python benchmarks/predict_modes.py [--runs RUN ...] [--n 48]
 """
 
 import argparse
@@ -22,6 +22,10 @@ from cervl.predict import Predictor
 
 
 def bench(pred: Predictor, images, batch_size: int, label: str) -> None:
+    # generation stops at <|im_end|>; cap it at the longest answer (+ end token) so a model that never
+    # stops is not charged for extra tokens: the comparison is then generous to generate
+    tok = pred.processor.tokenizer
+    max_new = max(len(tok(c, add_special_tokens=False)["input_ids"]) for c in pred.label_set.classes) + 1
     pred.score(images[:batch_size], batch_size=batch_size)  # warm-up (also builds the prefix cache)
     t = time.perf_counter()
     probs = pred.score(images, batch_size=batch_size)
@@ -29,7 +33,7 @@ def bench(pred: Predictor, images, batch_size: int, label: str) -> None:
     t = time.perf_counter()
     answers = []
     for i in range(0, len(images), batch_size):
-        answers += pred.generate(images[i:i + batch_size], max_new_tokens=12)
+        answers += pred.generate(images[i:i + batch_size], max_new_tokens=max_new)
     t_gen = time.perf_counter() - t
     score_pred = [pred.label_set.classes[i] for i in probs.argmax(1)]
     parsed = [p for _, p in answers]
@@ -42,7 +46,10 @@ def bench(pred: Predictor, images, batch_size: int, label: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", type=Path, default=Path("runs/demo/run"))
+    ap.add_argument("--runs", type=Path, nargs="*",
+                    default=[Path("runs/demo/run"), Path("runs/ablation-quickstart/runs/prompt-context")],
+                    help="trained runs, each benchmarked with its own prompt (quickstart: minimal; the ablation's "
+                         "prompt-context cell: context)")
     ap.add_argument("--manifest", type=Path, default=Path("runs/demo/manifests/synthce-compound-aligned.jsonl"))
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -50,13 +57,12 @@ def main() -> None:
     torch.manual_seed(0)
     ls = get_label_set("rafdb-compound")
     images = [s.path for s in load_samples(args.manifest, ["test"], ls)][: args.n]
-    if (args.run / "final").is_dir():
-        pred = Predictor.from_run(args.run)
-        bench(pred, images, args.batch_size, f"quickstart run ({pred.style.name} prompt), {len(images)} images")
-        pred_ctx = Predictor(pred.model, pred.processor, "context", pred.label_set)
-        bench(pred_ctx, images, args.batch_size, "quickstart run with the context prompt (not trained on it)")
-    else:
-        print(f"no run at {args.run}: run `make demo` first for the quickstart figures")
+    for run in args.runs:
+        if (run / "final").is_dir():
+            pred = Predictor.from_run(run)
+            bench(pred, images, args.batch_size, f"{run} ({pred.style.name} prompt), {len(images)} images")
+        else:
+            print(f"no run at {run}: `make demo` / `cervl ablate configs/ablation-quickstart.yaml` first")
     model, proc = build_tiny("tiny-qwen2-vl", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1536,
                              vision_dim=256, vision_depth=4)
     big = Predictor(model, proc, "context", ls)

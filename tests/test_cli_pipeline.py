@@ -97,3 +97,25 @@ def test_abaw_command_on_frame_folders(run, tmp_path):
     assert [l.split(",")[0] for l in lines[1:]] == ["v1/00001.jpg", "v1/00002.jpg", "v1/00003.jpg", "v2/00001.jpg",
                                                     "v2/00002.jpg"]
     assert all(0 <= int(l.split(",")[1]) <= 6 for l in lines[1:])
+
+
+def test_predict_videos_bad_file_reported_and_others_go_on(run, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    skimage_data = pytest.importorskip("skimage.data")
+    face = np.asarray(Image.fromarray(skimage_data.astronaut()).crop((140, 20, 320, 220)))
+    vw = cv2.VideoWriter(str(tmp_path / "good.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (320, 240))
+    for i in range(4):
+        canvas = np.full((240, 320, 3), 100, np.uint8)
+        canvas[20:220, 40 + 4 * i:220 + 4 * i] = face
+        vw.write(np.ascontiguousarray(canvas[:, :, ::-1]))
+    vw.release()
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 cut short")
+    res = cervl("predict", "--run", run / "run", tmp_path / "broken.mp4", tmp_path / "good.avi", "--every", "2",
+                "--plot", "-o", tmp_path / "v.jsonl")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "broken.mp4" in res.stderr and "cannot open" in res.stderr
+    rows = [json.loads(l) for l in (tmp_path / "v.jsonl").read_text().splitlines()]
+    good = [r for r in rows if r.get("video") == "good" and "frame" in r]
+    assert [r["frame"] for r in good] == [1, 3] and all(r["pred"] for r in good)
+    assert any(r.get("error") and r["video"] == "broken" for r in rows)
+    assert (tmp_path / "v.jsonl.good.png").is_file()

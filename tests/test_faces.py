@@ -130,3 +130,21 @@ def test_synthce_original_aligns_to_its_aligned_variant(tmp_path):
         ref = np.asarray(Image.open(tmp_path / "compound" / aligned[r.id].image), dtype=float)
         diffs.append(np.abs(np.asarray(crop, dtype=float) - ref).mean())
     assert max(diffs) < 4.0  # JPEG round trips only (0-255 scale)
+
+
+def test_yunet_backend_when_its_model_is_available():
+    """YuNet needs a one-time ONNX download; set CERVL_YUNET_MODEL to its path to run this test."""
+    import os
+
+    path = os.environ.get("CERVL_YUNET_MODEL")
+    if not path:
+        pytest.skip("CERVL_YUNET_MODEL not set (the YuNet model is downloaded separately)")
+    faces = make_detector("yunet", model_path=path).detect([astronaut()])[0]
+    assert len(faces) == 1 and faces[0].landmarks[0, 0] < faces[0].landmarks[1, 0]
+
+
+def test_unknown_detector_and_missing_yunet_model_are_clear_errors():
+    with pytest.raises(KeyError, match="unknown face detector 'dlib'"):
+        make_detector("dlib")
+    with pytest.raises(RuntimeError, match="needs model_path"):
+        make_detector("yunet")

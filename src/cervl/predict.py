@@ -43,8 +43,9 @@ class LabelScorer:
     1. The prompt part before the image (system, guidelines, definitions: identical for every
        sample) is encoded once and its KV cache reused for every batch.
     2. Each batch encodes the image and the rest of the prompt once per image.
-    3. All candidate answers are then evaluated from that cached state in one forward (the cache is
-       repeated per candidate), so multi-token class names are scored exactly.
+    3. All candidate answers are then evaluated from that cached state in one forward over the token
+       trie of the answers (shared prefixes such as "Sadly" are computed once; a tree attention mask
+       keeps candidates apart), so multi-token class names are scored exactly.
 
     Probabilities are normalised across classes; ``normalize`` picks ``sum`` (total log-likelihood
     of a class's answer tokens plus end-of-turn: the exact sequence probability, default) or ``mean``
@@ -62,7 +63,23 @@ class LabelScorer:
         vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
         ids = tok(self.text, add_special_tokens=False)["input_ids"]
         self.prefix = ids[: ids.index(vision_start)]
+        # The prompt's tokens around its single image placeholder: per image only the number of image
+        # tokens changes, so prompts are assembled from these instead of re-tokenising the text.
+        self.image_token = model.config.image_token_id
+        at = ids.index(self.image_token)
+        self.before, self.after = ids[:at], ids[at + 1:]
+        self.merge = processor.image_processor.merge_size ** 2
         self._prefix_cache = None
+        # Trie of answer prefixes (all but each answer's last token), parents before children.
+        self.trie: dict[tuple[int, ...], int] = {}
+        for c in self.cands:
+            for j in range(1, len(c)):
+                self.trie.setdefault(tuple(c[:j]), len(self.trie))
+        nodes = list(self.trie)
+        self.trie_tokens = [p[-1] for p in nodes]
+        self.trie_depth = torch.tensor([len(p) for p in nodes])
+        self.trie_mask = torch.tensor([[len(q) <= len(p) and p[: len(q)] == q for q in nodes] for p in nodes],
+                                      dtype=torch.bool)
         self.device = next(model.parameters()).device
 
     def _prefix_state(self):
@@ -92,25 +109,22 @@ class LabelScorer:
         out = self.model(input_ids=ids[:, p:], pixel_values=pixels, image_grid_thw=grid, position_ids=pos[:, :, p:],
                          attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-        k = len(self.cands)
-        longest = max(len(c) for c in self.cands)
         scores = torch.stack([first[:, c[0]] for c in self.cands], dim=1)  # (B, K)
-        if longest > 1:
-            # Feed every candidate's tokens but the last; position j predicts token j+1.
-            feed = torch.zeros((b * k, longest - 1), dtype=torch.long, device=self.device)
-            for i, c in enumerate(self.cands):
-                feed[i::k, : len(c) - 1] = torch.tensor(c[:-1], device=self.device)
-            cache.batch_repeat_interleave(k)
-            nxt = pos.max(dim=0).values.max(dim=1).values + 1  # (B,) next text position
-            cpos = (nxt.repeat_interleave(k)[:, None] + torch.arange(longest - 1, device=self.device)[None])
-            cpos = cpos[None].expand(3, -1, -1)
-            full_mask = torch.ones((b * k, ids.shape[1] + longest - 1), dtype=torch.long, device=self.device)
-            logits = self.model(input_ids=feed, position_ids=cpos, attention_mask=full_mask, cache=cache,
+        if self.trie:
+            # All candidates continue from the cached prompt as one packed "tree": every trie node (a
+            # distinct answer prefix) is one token that attends to the prompt and to its own ancestors.
+            n, t = len(self.trie), ids.shape[1]
+            feed = torch.tensor([self.trie_tokens], device=self.device).expand(b, n)
+            nxt = pos.max(dim=0).values.max(dim=1).values + 1  # (B,) next text position after the prompt
+            cpos = (nxt[:, None] + self.trie_depth[None].to(self.device) - 1)[None].expand(3, b, n)
+            mask = torch.ones((b, 1, n, t + n), dtype=torch.bool, device=self.device)
+            mask[:, :, :, t:] = self.trie_mask.to(self.device)
+            logits = self.model(input_ids=feed, position_ids=cpos, attention_mask=mask, cache=cache,
                                 use_cache=False).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).view(b, k, longest - 1, -1)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, n, V)
             for i, c in enumerate(self.cands):
                 for j in range(1, len(c)):
-                    scores[:, i] += logp[:, i, j - 1, c[j]]
+                    scores[:, i] += logp[:, self.trie[tuple(c[:j])], c[j]]
         if self.normalize == "mean":
             scores = scores / torch.tensor([len(c) for c in self.cands], device=self.device)
         return scores
@@ -121,18 +135,18 @@ class LabelScorer:
         out = np.zeros((len(images), len(self.cands)))
         bar = tqdm(total=len(images), desc="scoring", unit="img", disable=not progress)
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            encoded = [encode_prompt(self.processor, self.text, load_rgb(im) if not isinstance(im, Image.Image)
-                                     else im) for im in chunk]
-            # Group by prompt length (= image grid): equal-length prompts need no padding.
-            groups: dict[int, list[int]] = {}
-            for i, (ids, _, _) in enumerate(encoded):
-                groups.setdefault(len(ids), []).append(i)
+            chunk = [load_rgb(im) if not isinstance(im, Image.Image) else im for im in images[start:start + batch_size]]
+            # Group by image size: same-size images give same-length prompts, which need no padding.
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, im in enumerate(chunk):
+                groups.setdefault(im.size, []).append(i)
             for members in groups.values():
-                ids = torch.tensor([encoded[i][0] for i in members], device=self.device)
-                pixels = torch.cat([encoded[i][1] for i in members]).to(self.device)
-                grid = torch.cat([encoded[i][2] for i in members]).to(self.device)
-                scores = self.score_encoded(ids, pixels, grid)
+                enc = self.processor.image_processor([chunk[i] for i in members], return_tensors="pt")
+                grid = enc["image_grid_thw"]
+                n_img = int(grid[0].prod()) // self.merge
+                row = self.before + [self.image_token] * n_img + self.after
+                ids = torch.tensor([row] * len(members), device=self.device)
+                scores = self.score_encoded(ids, enc["pixel_values"].to(self.device), grid.to(self.device))
                 out[[start + i for i in members]] = torch.softmax(scores, dim=-1).cpu().numpy()
             bar.update(len(chunk))
         bar.close()

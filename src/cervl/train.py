@@ -324,7 +324,9 @@ def run_stage(model, processor, cfg: RunConfig, index: int, stage: StageConfig, 
         global_loss = (accelerator.reduce(loss_total.clone(), reduction="sum") / global_tokens).item()
         bar.update()
         epoch = (step + 1) * global_batch / mixture.per_epoch
-        bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{global_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        rate = seen / max(time.perf_counter() - t_last, 1e-9)
+        bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{global_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        samples_s=f"{rate:.1f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             dt = time.perf_counter() - t_last
             metrics.write(stage=stage.name, step=step + 1, epoch=round(epoch, 4), loss=global_loss,
