@@ -395,7 +395,7 @@ def predict_video(predictor: "Predictor", path, detector, *, every: int = 1, smo
     from cervl.faces.video import smooth, video_faces
 
     video = Path(path).stem if Path(path).is_file() else Path(path).name
-    frames = list(video_faces(path, detector, every=every, size=size, batch_size=batch_size))
+    frames = list(video_faces(path, detector, every=every, size=size))
     if not frames:
         raise ValueError(f"{path}: no frames decoded")
     have = [i for i, f in enumerate(frames) if f.crop is not None]

@@ -191,8 +191,11 @@ class MTCNNDetector(FaceDetector):
     name = "mtcnn"
 
     def __init__(self, *, min_face_size: int = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
-                 device: str = "cpu"):
+                 max_side: int | None = None, device: str = "cpu"):
+        """``max_side``: detect on a copy downscaled to this longest side (boxes and landmarks are mapped
+        back); the pyramid cost falls with the pixel count, at some landmark precision."""
         self.min_face_size, self.thresholds, self.factor, self.device = min_face_size, thresholds, factor, device
+        self.max_side = max_side
         wdir = mtcnn_weights_dir()
         self.pnet, self.rnet, self.onet = _PNet(), _RNet(), _ONet()
         for net, file in ((self.pnet, "pnet.pt"), (self.rnet, "rnet.pt"), (self.onet, "onet.pt")):
@@ -204,6 +207,16 @@ class MTCNNDetector(FaceDetector):
         """Detect faces in same-size images as one batch (different sizes are run one by one)."""
         if len({im.size for im in images}) > 1:
             return [self.detect([im])[0] for im in images]
+        w0, h0 = images[0].size
+        if self.max_side and max(w0, h0) > self.max_side:
+            k = self.max_side / max(w0, h0)
+            small = [im.resize((round(w0 * k), round(h0 * k)), Image.BILINEAR) for im in images]
+            max_side, self.max_side = self.max_side, None
+            try:
+                found = self.detect(small)
+            finally:
+                self.max_side = max_side
+            return [[Face(f.box / k, f.score, f.landmarks / k) for f in faces] for faces in found]
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
         imgs = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device)
         n, _, h, w = imgs.shape
@@ -274,6 +287,36 @@ class MTCNNDetector(FaceDetector):
         for faces in results:
             faces.sort(key=lambda f: f.area, reverse=True)
         return results
+
+
+    @torch.no_grad()
+    def refine(self, images: list[Image.Image], boxes: list[np.ndarray]) -> list[Face | None]:
+        """Re-locate a known face cheaply: only O-Net, on a square around each previous box.
+
+        Used by video tracking between full detections. Returns None where O-Net no longer sees a face
+        (the caller then runs a full detection).
+        """
+        out: list[Face | None] = []
+        for im, box in zip(images, boxes):
+            arr = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+            b = torch.tensor([list(box) + [1.0]], dtype=torch.float32)
+            w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+            b[:, 0] -= 0.1 * w
+            b[:, 1] -= 0.1 * h
+            b[:, 2] += 0.1 * w
+            b[:, 3] += 0.1 * h
+            b = torch.cat([_rerec(b[:, :4]), b[:, 4:]], dim=1)
+            reg, points, probs = self.onet((_crops(arr, b, torch.zeros(1, dtype=torch.long), 48) - 127.5) * 0.0078125)
+            if probs[0, 1] < self.thresholds[2]:
+                out.append(None)
+                continue
+            bw, bh = b[:, 2] - b[:, 0] + 1, b[:, 3] - b[:, 1] + 1
+            px = bw[:, None] * points[:, :5] + b[:, 0:1] - 1
+            py = bh[:, None] * points[:, 5:10] + b[:, 1:2] - 1
+            nb = _bbreg(torch.cat([b[:, :4], probs[:, 1:2]], dim=1), reg)
+            lm = torch.stack([px[0], py[0]], dim=1).numpy().astype(np.float64)
+            out.append(Face(nb[0, :4].numpy().astype(np.float64), float(probs[0, 1]), lm))
+        return out
 
 
 class YuNetDetector(FaceDetector):
