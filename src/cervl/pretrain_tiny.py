@@ -97,7 +97,11 @@ def pretrain_tiny(config_path: Path, overrides: list[str], *, per_class: int, ou
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final, tmp, ignore=shutil.ignore_patterns("cervl.json"))
     metrics = sorted((Path(result["run_dir"]) / "stages").glob("*/metrics.csv"))
-    provenance = {"command": "cervl pretrain-tiny " + " ".join(overrides), "config": str(config_path),
+    try:
+        config_name = str(Path(config_path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        config_name = str(config_path)
+    provenance = {"command": "cervl pretrain-tiny " + " ".join(overrides), "config": config_name,
                   "per_class": per_class, "synth_seed": 1000, "vision_warmup_steps": warmup_steps,
                   "minutes": round((time.perf_counter() - t0) / 60, 1),
                   "caption_metrics_last_row": [p.read_text().splitlines()[-1] for p in metrics]}
