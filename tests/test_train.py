@@ -1,5 +1,6 @@
 """Staged training through the real CLI: resume after SIGKILL, 2 processes, families, bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -85,7 +86,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, manifests):
     killed = recipe(tmp_path / "b", manifests, stages=1, steps=6)
     res = cervl("train", killed, "--no-progress", env={"CERVL_TEST_KILL_AT_STEP": "4"})
     assert res.returncode == -9  # SIGKILL, as kill -9
-    assert (tmp_path / "b" / "run" / "stages" / "00-compound" / "checkpoint" / "state.json").is_file()
+    state = json.loads((tmp_path / "b" / "run" / "stages" / "00-compound" / "checkpoint" / "state.json").read_text())
+    assert state["state"] == {"step": 4, "total_steps": 6, "prompt": "minimal", "label_set": "rafdb-compound"}
     assert not (tmp_path / "b" / "run" / "stages" / "00-compound" / "DONE.json").exists()
     res = cervl("train", killed, "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -344,7 +344,8 @@ def run_stage(model, processor, cfg: RunConfig, index: int, stage: StageConfig, 
             if accelerator.is_main_process:
                 named = dict(model.named_parameters())
                 save_checkpoint(stage_dir, trainable={n: named[n] for n in trainable_names}, optimizer=optimizer,
-                                scheduler=scheduler, state={"step": step + 1, "total_steps": total_steps})
+                                scheduler=scheduler, state={"step": step + 1, "total_steps": total_steps,
+                                                            "prompt": style.name, "label_set": label_set.name})
             accelerator.wait_for_everyone()
             _test_kill_hook(step + 1)
     bar.close()
