@@ -130,3 +130,16 @@ def test_image_only_processor_needs_no_torchvision(tiny):
     _, proc = tiny
     assert type(proc).__name__ == "ImageOnlyQwen2VLProcessor"
     assert not hasattr(proc, "video_processor") or proc.video_processor is None
+
+
+def test_lora_targets_match_real_model_shapes(shared_dir):
+    """On the real Qwen2-VL-2B architecture (meta device, no weights) the default LoRA hits exactly
+    the 7 projections of all 28 language-model layers and nothing in the vision tower."""
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    cfg = AutoConfig.from_pretrained(shared_dir / "qwen-vl-shapes" / "qwen2-vl-2b")
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(cfg)
+    peft_model = apply_lora(model, rank=16, alpha=32, dropout=0.0, target_regex=lora_target_regex())
+    names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert len(names) == 28 * 7 and not any(".visual." in n for n in names)

@@ -286,7 +286,11 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "bf16", attn_imp
     """
     if str(name_or_path) in TINY_PRESETS:
         raise ValueError(f"{name_or_path!r} is a tiny preset: build it with build_tiny()")
-    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:  # no such folder, and the hub id cannot be fetched (offline, typo, gated)
+        raise FileNotFoundError(f"cannot load model {str(name_or_path)!r}: not a local folder with config.json and "
+                                f"not fetchable from the Hugging Face hub ({str(e).splitlines()[0]})") from None
     family = get_family(config.model_type)
     model_cls = _transformers_attr(family.model_class)
     model = model_cls.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), use_safetensors=True,
