@@ -298,7 +298,6 @@ class MTCNNDetector(FaceDetector):
         """
         out: list[Face | None] = []
         for im, box in zip(images, boxes):
-            arr = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
             b = torch.tensor([list(box) + [1.0]], dtype=torch.float32)
             w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
             b[:, 0] -= 0.1 * w
@@ -306,7 +305,11 @@ class MTCNNDetector(FaceDetector):
             b[:, 2] += 0.1 * w
             b[:, 3] += 0.1 * h
             b = torch.cat([_rerec(b[:, :4]), b[:, 4:]], dim=1)
-            reg, points, probs = self.onet((_crops(arr, b, torch.zeros(1, dtype=torch.long), 48) - 127.5) * 0.0078125)
+            # Crop with PIL first (zero fill outside the frame): only the face region becomes a tensor.
+            x1, y1, x2, y2 = b[0, :4].trunc().int().tolist()
+            crop = im.convert("RGB").crop((x1 - 1, y1 - 1, x2, y2)).resize((48, 48), Image.BOX)
+            data = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1)[None]
+            reg, points, probs = self.onet((data - 127.5) * 0.0078125)
             if probs[0, 1] < self.thresholds[2]:
                 out.append(None)
                 continue
