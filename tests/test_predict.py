@@ -1,12 +1,8 @@
 """Constrained scoring (exact vs brute force), generation, and the predict/eval CLI."""
 
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cervl.labels import get_label_set

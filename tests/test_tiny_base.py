@@ -1,11 +1,10 @@
 """The tiny pretrained base shipped in the package."""
 
 import json
-from pathlib import Path
 
 import torch
 
-from cervl.models import TINY_PRESETS, build_tiny, load_model, tiny_config, train_tokenizer, tokenizer_corpus
+from cervl.models import build_tiny, load_model
 from cervl.train import ASSET_BASE
 
 

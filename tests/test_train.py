@@ -174,3 +174,18 @@ def test_override_parsing_and_errors(tmp_path):
         load_config(p, ["stages.7.lr=1"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(p, ["stages"])
+
+
+def test_adapter_save_mode_reloads_by_merging_the_lineage(tmp_path, manifests):
+    res = cervl("train", recipe(tmp_path, manifests, stages=2, steps=2), "--no-progress", "save=adapter")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert not (run / "final" / "model.safetensors").exists()  # only cervl.json: the lineage is the model
+    from cervl.config import DataSource, StageConfig
+    from cervl.train import evaluate, load_run
+
+    model, proc, meta = load_run(run)
+    assert meta["save"] == "adapter"
+    st = StageConfig(name="x", data=[DataSource("unused")], label_set=meta["label_set"], prompt=meta["prompt"])
+    ev = evaluate(model, proc, st, str(manifests / "synthce-compound-aligned.jsonl"), ["test"], max_samples=8)
+    assert ev["confusion"] == json.loads((run / "test_metrics.json").read_text())["confusion"]

@@ -80,7 +80,6 @@ def _slug(text: str) -> str:
 
 def run_ablation(path: str | Path, *, progress: bool = True) -> Path:
     """Run (or resume) every cell; write ``ablation.md/html/json`` and plots; return the markdown path."""
-    from cervl.report import evaluate_predictions, write_comparison
     from cervl.train import test_report, train
 
     cfg, axes = load_ablation(path)

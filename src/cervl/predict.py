@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cervl.encode import IGNORE, answer_ids, collate, encode_prompt, prompt_text, token_logprobs
+from cervl.encode import IGNORE, Encoded, answer_ids, collate, encode_prompt, prompt_text, token_logprobs
 from cervl.labels import COMPOUND, LabelSet, get_label_set
 from cervl.prompts import PromptStyle
 
@@ -180,8 +180,6 @@ def score_labels_bruteforce(model, processor, style: PromptStyle, label_set: Lab
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         encoded = []
-        from cervl.encode import Encoded
-
         for img in chunk:
             img = load_rgb(img) if not isinstance(img, Image.Image) else img
             ids, pixels, grid = encode_prompt(processor, text, img)
