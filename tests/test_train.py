@@ -105,7 +105,8 @@ def test_two_processes_match_one_process_with_same_global_batch(tmp_path, manife
     two = recipe(tmp_path / "two", manifests, stages=1, steps=3, dropout=0.0, batch=2)
     # torchrun is the launcher `accelerate launch --multi_gpu` uses; on CPU, `accelerate launch --cpu`
     # starts a single process unless mpirun is available, so the gloo test calls torchrun directly.
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cervl.cli"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "cervl.cli"]
     res = cervl("train", two, "--no-progress", launcher=launcher, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = adapter(tmp_path / "one" / "run", "compound"), adapter(tmp_path / "two" / "run", "compound")
