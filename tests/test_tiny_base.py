@@ -1,6 +1,7 @@
 """The tiny pretrained base shipped in the package."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -39,3 +40,28 @@ def test_shipped_base_loads_and_matches_the_preset_config():
     assert not torch.allclose(a, b)
     provenance = json.loads((ASSET_BASE / "pretrain.json").read_text())
     assert provenance["command"].startswith("cervl pretrain-tiny")
+
+
+def test_pretrain_tiny_command_produces_the_shipped_architecture(tmp_path):
+    """A (very short) real run of `cervl pretrain-tiny` writes a base with the shipped base's config."""
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = (root / "configs" / "pretrain-tiny.yaml").read_text().replace("../runs/pretrain-tiny-data",
+                                                                        str(tmp_path / "data"))
+    (tmp_path / "pt.yaml").write_text(cfg)
+    out = tmp_path / "base"
+    res = subprocess.run([sys.executable, "-m", "cervl.cli", "pretrain-tiny", "--config", tmp_path / "pt.yaml",
+                          "--per-class", "2", "--warmup-steps", "2", "--workers", "1", "--out", out,
+                          f"output_dir={tmp_path / 'run'}", "stages.0.max_steps=2", "stages.0.batch_size=4"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    made = _strip(AutoConfig.from_pretrained(out).to_dict())
+    shipped = _strip(AutoConfig.from_pretrained(ASSET_BASE).to_dict())
+    for key in ("text_config", "vision_config", "image_token_id", "vision_start_token_id", "model_type"):
+        assert made[key] == shipped[key], key
+    assert json.loads((out / "pretrain.json").read_text())["vision_warmup_steps"] == 2
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
