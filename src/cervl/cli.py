@@ -487,6 +487,29 @@ def _run_align(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a trained run over HTTP (GET /health, POST /predict)")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--align", action="store_true", help="enable ?align=1 (MTCNN + 5-point alignment)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from cervl.predict import Predictor
+    from cervl.serve import serve
+
+    aligner = None
+    if args.align:
+        from cervl.faces.pipeline import FaceAligner
+
+        aligner = FaceAligner("mtcnn")
+    print(f"serving {args.run} on http://{args.host}:{args.port}")
+    serve(Predictor.from_run(args.run), host=args.host, port=args.port, aligner=aligner)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # cervl labels
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_prepare, _add_align, _add_train, _add_predict, _add_abaw, _add_eval, _add_compare,
-                _add_ablate, _add_labels,
+                _add_ablate, _add_serve, _add_labels,
                 _add_demo,
                 _add_pretrain_tiny):
         add(sub)
