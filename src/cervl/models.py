@@ -326,11 +326,6 @@ def save_model(model, processor, out: str | os.PathLike) -> None:
     processor.image_processor.save_pretrained(out)
 
 
-def load_saved(path: str | os.PathLike, *, dtype: str = "fp32"):
-    """Load a folder written by :func:`save_model` (any family; processor rebuilt image-only)."""
-    return load_model(path, dtype=dtype, attn_implementation="sdpa")
-
-
 # ----------------------------------------------------------------------------------------------
 # LoRA
 # ----------------------------------------------------------------------------------------------
@@ -360,12 +355,6 @@ def apply_lora(model, *, rank: int, alpha: float, dropout: float, target_regex: 
 def merge_lora(model):
     """Fold a peft adapter into the base weights and return the plain model."""
     return model.merge_and_unload()
-
-
-def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
 
 
 def write_json(path: Path, data) -> None:
