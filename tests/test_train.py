@@ -190,3 +190,14 @@ def test_adapter_save_mode_reloads_by_merging_the_lineage(tmp_path, manifests):
     st = StageConfig(name="x", data=[DataSource("unused")], label_set=meta["label_set"], prompt=meta["prompt"])
     ev = evaluate(model, proc, st, str(manifests / "synthce-compound-aligned.jsonl"), ["test"], max_samples=8)
     assert ev["confusion"] == json.loads((run / "test_metrics.json").read_text())["confusion"]
+
+
+def test_prefetch_thread_gives_the_same_adapter(tmp_path, manifests):
+    runs = {}
+    for flag in ("true", "false"):
+        cfg = recipe(tmp_path / flag, manifests, stages=1, steps=4)
+        res = cervl("train", cfg, "--no-progress", f"prefetch={flag}")
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[flag] = adapter(tmp_path / flag / "run", "compound")
+    for k in runs["true"]:
+        assert torch.equal(runs["true"][k], runs["false"][k]), k

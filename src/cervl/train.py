@@ -281,9 +281,9 @@ def run_stage(model, processor, cfg: RunConfig, index: int, stage: StageConfig, 
     bar = tqdm(total=total_steps, initial=start_step, desc=f"stage {stage.name}", unit="step",
                disable=not (progress and accelerator.is_main_process))
     t_last, seen = time.perf_counter(), 0
-    ddp_model.train()
-    for step in range(start_step, total_steps):
-        # This process's share of every micro-batch of this optimizer step (a pure function of step).
+    def prepare(step: int):
+        """This process's share of every micro-batch of ``step``: a pure function of the step number,
+        which is what makes resuming exact and lets the next step be prepared in the background."""
         micro = []
         for a in range(stage.grad_accum):
             first = step * global_batch + a * stage.batch_size * world + rank * stage.batch_size
@@ -291,7 +291,22 @@ def run_stage(model, processor, cfg: RunConfig, index: int, stage: StageConfig, 
         encoded = [[encode_sample(processor, style, label_set, load_rgb(s.path),
                                   style.answer(s.record.label, s.record.aus), max_length=cfg.max_length,
                                   sample_name=s.name) for s in mb] for mb in micro]
-        batches = [collate(e, pad_id, image_token_id) for e in encoded]
+        return micro, [collate(e, pad_id, image_token_id) for e in encoded]
+
+    # One background thread decodes and encodes step t+1 while step t trains.
+    from concurrent.futures import ThreadPoolExecutor
+
+    prefetch = cfg.prefetch if cfg.prefetch is not None else torch.cuda.is_available()
+    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    pending = pool.submit(prepare, start_step) if pool and start_step < total_steps else None
+    ddp_model.train()
+    for step in range(start_step, total_steps):
+        if pool:
+            micro, batches = pending.result()
+            if step + 1 < total_steps:
+                pending = pool.submit(prepare, step + 1)
+        else:
+            micro, batches = prepare(step)
         # Normalise by the answer tokens of the whole global batch, so N processes x M micro-batches
         # give exactly the gradient of one big batch (DDP averages, hence the * world).
         local_tokens = torch.tensor(float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)),
@@ -349,6 +364,8 @@ def run_stage(model, processor, cfg: RunConfig, index: int, stage: StageConfig, 
             accelerator.wait_for_everyone()
             _test_kill_hook(step + 1)
     bar.close()
+    if pool:
+        pool.shutdown()
 
     # Stage output: the adapter (LoRA) or full weights, then merge so the next stage starts from them.
     info = {"stage": stage.name, "kind": stage.method, "index": index, "label_set": label_set.name,
