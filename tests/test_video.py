@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cervl.faces.video import FaceTracker, VideoError, read_frames, smooth
+from cervl.faces.track import FaceTracker
+from cervl.faces.video import VideoError, read_frames, smooth
 
 cv2 = pytest.importorskip("cv2")
 skimage_data = pytest.importorskip("skimage.data")
@@ -100,3 +101,91 @@ def test_video_round_trip_through_prediction(tmp_path):
     assert [r["frame"] for r in every] == [1, 5, 9]
     png = plot_video_probs(rows, pred.label_set.classes, tmp_path / "p.png")
     assert Image.open(png).size[0] > 300
+
+
+class CountingDetector:
+    """Wraps MTCNN and counts the expensive calls, to check what tracking actually runs."""
+
+    def __init__(self, det):
+        self.det, self.detects, self.refines = det, 0, 0
+
+    def detect(self, images):
+        self.detects += 1
+        return self.det.detect(images)
+
+    def refine(self, images, boxes):
+        self.refines += 1
+        return self.det.refine(images, boxes)
+
+
+@pytest.fixture(scope="module")
+def moving_clip():
+    from cervl.faces.detect import make_detector
+    from cervl.faces.testclip import moving_face_clip
+
+    try:
+        det = make_detector("mtcnn", max_side=320)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    photo = skimage_data.astronaut()
+    lm0 = det.detect([photo])[0][0].landmarks
+    frames, truth = moving_face_clip(photo, lm0, n=60)
+    return det, frames, truth
+
+
+def _nme(rows, truth):
+    iod = np.linalg.norm(truth[:, 0] - truth[:, 1], axis=1)
+    return np.array([np.linalg.norm(np.array(r.landmarks) - truth[i], axis=1).mean() / iod[i]
+                     for i, r in enumerate(rows)])
+
+
+def test_flow_tracking_is_as_accurate_as_detecting_every_frame(moving_clip):
+    from cervl.faces.video import track_faces
+
+    det, frames, truth = moving_clip
+    counted = CountingDetector(det)
+    rows = list(track_faces(enumerate(frames, 1), counted, redetect_every=30, verify_every=5))
+    assert [r.frame for r in rows] == list(range(1, 61)) and all(r.crop is not None for r in rows)
+    # 60 frames: full detections at frames 1 and 31; O-Net checks on every 5th frame in between (5 + 5),
+    # plus one wherever the flow's forward-backward check fails (this clip pans up to 16 px/frame)
+    assert counted.detects == 2 and 10 <= counted.refines <= 16, (counted.detects, counted.refines)
+    tracked = _nme(rows, truth)
+    # the clip rolls +-12 deg and zooms +-20%; per-frame detection on a sample:
+    every = list(track_faces(((i + 1, frames[i]) for i in range(0, 60, 6)), det, redetect_every=1))
+    detected = _nme(every, truth[::6])
+    assert tracked.mean() < 0.03 and tracked.max() < 0.06, (tracked.mean(), tracked.max())
+    assert tracked.mean() < 1.5 * detected.mean(), (tracked.mean(), detected.mean())
+
+
+def test_tracking_schedule_counts(moving_clip):
+    from cervl.faces.video import track_faces
+
+    det, frames, _ = moving_clip
+    every_frame = CountingDetector(det)
+    list(track_faces(enumerate(frames[:6], 1), every_frame, redetect_every=1))
+    assert (every_frame.detects, every_frame.refines) == (6, 0)
+    onet_only = CountingDetector(det)
+    list(track_faces(enumerate(frames[:6], 1), onet_only, redetect_every=100, verify_every=1))
+    assert (onet_only.detects, onet_only.refines) == (1, 5)
+    with pytest.raises(ValueError):
+        list(track_faces(enumerate(frames[:2], 1), det, verify_every=0))
+
+
+def test_flow_gives_up_when_the_content_changes(moving_clip):
+    from cervl.faces.track import LandmarkFlow
+
+    det, frames, truth = moving_clip
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames[:2]]
+    face = det.detect([frames[0]])[0][0]
+    moved = LandmarkFlow().track(gray[0], gray[1], face.landmarks, face.box)
+    iod = np.linalg.norm(truth[1, 0] - truth[1, 1])
+    assert moved is not None and np.linalg.norm(moved - truth[1], axis=1).mean() < 0.05 * iod
+    noise = np.random.default_rng(0).integers(0, 255, gray[1].shape, dtype=np.uint8)
+    assert LandmarkFlow().track(gray[0], noise, face.landmarks, face.box) is None
+
+
+def test_frame_numbers_without_decoding(tmp_path):
+    from cervl.faces.video import frame_numbers
+
+    path = write_video(tmp_path / "c.avi", face_frames(7, blank=()))
+    assert frame_numbers(path) == list(range(1, 8))

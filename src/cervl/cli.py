@@ -151,6 +151,34 @@ def _print_train_result(result: dict) -> None:
 # cervl predict / eval / compare
 # ----------------------------------------------------------------------------------------------
 
+def _add_face_options(p, *, video: bool = False) -> None:
+    """Detector options shared by predict, abaw and align."""
+    p.add_argument("--detector", default="mtcnn", help="face detector: mtcnn (default, offline) or yunet")
+    p.add_argument("--detect-side", type=int, default=640,
+                   help="mtcnn: search faces on a copy with this longest side (landmarks still come from the "
+                        "full-resolution image); 0 = full size. Default 640")
+    p.add_argument("--min-face", type=int, default=20, help="mtcnn: smallest face, in pixels of that copy")
+    p.add_argument("--detector-model", help="yunet: path of face_detection_yunet_2023mar.onnx")
+    if video:
+        p.add_argument("--redetect-every", type=int, default=120,
+                       help="videos: full face detection every N sampled frames (and whenever the face is lost)")
+        p.add_argument("--verify-every", type=int, default=10,
+                       help="videos: re-locate the face with O-Net every N frames; optical flow in between "
+                            "(1 = O-Net on every frame)")
+
+
+def _make_detector(args):
+    from cervl.faces.detect import make_detector
+
+    if args.detector == "mtcnn":
+        return make_detector("mtcnn", max_side=args.detect_side or None, min_face_size=args.min_face)
+    return make_detector(args.detector, model_path=args.detector_model)
+
+
+def _video_options(args) -> dict:
+    return {"redetect_every": args.redetect_every, "verify_every": args.verify_every}
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict expressions with a trained run (score or generate mode)")
     p.add_argument("inputs", nargs="*", type=Path, help="image files or folders of images")
@@ -162,7 +190,7 @@ def _add_predict(sub) -> None:
                    help="score mode: sum (default) or mean log-likelihood over the answer tokens")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--align", action="store_true", help="detect and align faces in photos before predicting")
-    p.add_argument("--detector", default="mtcnn")
+    _add_face_options(p, video=True)
     p.add_argument("--frames-as-video", action="store_true", help="treat each input folder as one video's frames")
     p.add_argument("--every", type=int, default=1, help="videos: predict every Nth frame")
     p.add_argument("--smoothing", default="gaussian", choices=["none", "moving", "gaussian"])
@@ -218,7 +246,7 @@ def _run_predict(args) -> int:
 
         from cervl.faces.pipeline import FaceAligner
 
-        aligner = FaceAligner(args.detector)
+        aligner = FaceAligner(_make_detector(args))
         for item in items:
             try:
                 with Image.open(item["image"]) as im:
@@ -250,7 +278,6 @@ def _run_predict(args) -> int:
 
 def _predict_videos(args, predictor) -> list[dict]:
     """Per-frame rows for every video input; a broken video is reported and the others go on."""
-    from cervl.faces.detect import make_detector
     from cervl.faces.video import VideoError
     from cervl.predict import plot_video_probs, predict_video
 
@@ -259,12 +286,13 @@ def _predict_videos(args, predictor) -> list[dict]:
         return []
     if args.mode != "score":
         raise ValueError("video prediction uses --mode score (per-frame probabilities are smoothed over time)")
-    detector = make_detector(args.detector)
+    detector = _make_detector(args)
     rows = []
     for v in videos:
         try:
             vrows = predict_video(predictor, v, detector, every=args.every, smoothing=args.smoothing,
-                                  window=args.window, sigma=args.sigma)
+                                  window=args.window, sigma=args.sigma, batch_size=args.batch_size,
+                                  **_video_options(args))
         except (VideoError, ValueError) as e:
             log.error("video %s: %s", v, e)
             rows.append({"video": v.stem, "image": str(v), "pred": None, "error": str(e)})
@@ -287,14 +315,13 @@ def _add_abaw(sub) -> None:
     p.add_argument("-o", "--out", required=True, type=Path)
     p.add_argument("--every", type=int, default=1, help="score every Nth frame; others take the nearest score")
     p.add_argument("--smoothing", default="gaussian", choices=["none", "moving", "gaussian"])
-    p.add_argument("--detector", default="mtcnn")
+    _add_face_options(p, video=True)
     p.set_defaults(func=_run_abaw)
 
 
 def _run_abaw(args) -> int:
     import numpy as np
 
-    from cervl.faces.detect import make_detector
     from cervl.faces.video import VideoError, is_video
     from cervl.labels import get_label_set
     from cervl.predict import Predictor, predict_video
@@ -308,12 +335,13 @@ def _run_abaw(args) -> int:
     inputs = sorted(p for p in args.root.iterdir() if (p.is_file() and is_video(p)) or p.is_dir())
     if not inputs:
         raise ValueError(f"no videos or frame folders in {args.root}")
-    detector = make_detector(args.detector)
+    detector = _make_detector(args)
     keep = [predictor.label_set.index_of[c] for c in cexpr.classes]
     rows, failed = [], []
     for v in inputs:
         try:
-            vrows = predict_video(predictor, v, detector, every=1, smoothing=args.smoothing) if args.every == 1 else \
+            vrows = predict_video(predictor, v, detector, every=1, smoothing=args.smoothing,
+                                  **_video_options(args)) if args.every == 1 else \
                 _every_n_filled(predictor, v, detector, args)
         except (VideoError, ValueError) as e:
             log.error("%s: %s", v, e)
@@ -336,11 +364,12 @@ def _run_abaw(args) -> int:
 
 def _every_n_filled(predictor, video, detector, args) -> list[dict]:
     """Score every Nth frame, then give every decoded frame the nearest scored frame's probabilities."""
-    from cervl.faces.video import read_frames
+    from cervl.faces.video import frame_numbers
     from cervl.predict import predict_video
 
-    scored = predict_video(predictor, video, detector, every=args.every, smoothing=args.smoothing)
-    all_frames = [n for n, _ in read_frames(video, 1)]
+    scored = predict_video(predictor, video, detector, every=args.every, smoothing=args.smoothing,
+                           **_video_options(args))
+    all_frames = frame_numbers(video)
     by_frame = {r["frame"]: r for r in scored}
     keys = sorted(by_frame)
     import bisect
@@ -417,7 +446,7 @@ def _add_align(sub) -> None:
     p.add_argument("input", type=Path)
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder (crops, manifest.jsonl, summary.json)")
     p.add_argument("--size", type=int, default=112, help="crop size (default 112, the 5-point template size)")
-    p.add_argument("--detector", default="mtcnn")
+    _add_face_options(p)
     p.add_argument("--faces", default="largest", choices=["largest", "all"])
     p.add_argument("--fallback", default="skip", choices=["skip", "center"], help="when no face is found")
     p.add_argument("--label-set", default="basic-7", help="label set of the output records for folder input")
@@ -447,7 +476,7 @@ def _run_align(args) -> int:
         raise FileNotFoundError(f"input not found: {args.input}")
     if not jobs:
         raise ValueError(f"no images in {args.input}")
-    aligner = FaceAligner(args.detector, size=args.size, faces=args.faces, fallback=args.fallback)
+    aligner = FaceAligner(_make_detector(args), size=args.size, faces=args.faces, fallback=args.fallback)
     crops_dir = args.out / "crops"
     crops_dir.mkdir(parents=True, exist_ok=True)
     records, statuses, log_rows = [], Counter(), []
@@ -479,6 +508,7 @@ def _run_align(args) -> int:
     write_manifest(args.out / "manifest.jsonl", records, root=args.out)
     atomic_write_text(args.out / "align_log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
     summary = {"inputs": len(jobs), "crops": len(records), "status": dict(statuses), "detector": args.detector,
+               "detect_side": args.detect_side, "min_face": args.min_face,
                "size": args.size, "faces": args.faces, "fallback": args.fallback}
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"{len(jobs)} images -> {len(records)} aligned crops in {crops_dir}; status: "

@@ -383,25 +383,47 @@ def _row(item: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def predict_video(predictor: "Predictor", path, detector, *, every: int = 1, smoothing: str = "gaussian",
-                  window: int = 5, sigma: float = 1.5, batch_size: int = 16, size: int = 112) -> list[dict]:
+                  window: int = 5, sigma: float = 1.5, batch_size: int = 16, size: int = 112,
+                  redetect_every: int = 120, verify_every: int = 10) -> list[dict]:
     """Per-frame predictions for one video (file or frame folder): detect, track, align, score, smooth.
 
+    Crops are scored in batches as they come, so memory does not grow with the video's length.
+    ``redetect_every`` and ``verify_every`` set the tracking (see :func:`cervl.faces.video.track_faces`).
     Frames without a face keep ``status: lost`` and no probabilities of their own; the smoothed
     output carries the neighbours' probabilities over them (so every sampled frame gets a label),
     and ``pred`` of a lost frame is None when no face was seen anywhere in the video.
     """
+    import dataclasses
+
+    from tqdm import tqdm
+
     from cervl.faces.video import smooth, video_faces
 
     video = Path(path).stem if Path(path).is_file() else Path(path).name
-    frames = list(video_faces(path, detector, every=every, size=size))
+    k = len(predictor.label_set)
+    frames, raw, pending = [], [], []
+
+    def flush():
+        probs = predictor.score([f.crop for _, f in pending], batch_size=batch_size)
+        for (i, _), p in zip(pending, probs):
+            raw[i] = p
+        pending.clear()
+
+    stream = video_faces(path, detector, every=every, size=size, redetect_every=redetect_every,
+                         verify_every=verify_every)
+    for f in tqdm(stream, desc=video, unit="frame", leave=False):
+        raw.append(np.full(k, np.nan))
+        if f.crop is not None:
+            pending.append((len(frames), f))
+            if len(pending) >= batch_size:
+                flush()
+        frames.append(dataclasses.replace(f, crop=None))  # keep only the metadata of scored frames
+    if pending:
+        flush()
     if not frames:
         raise ValueError(f"{path}: no frames decoded")
-    have = [i for i, f in enumerate(frames) if f.crop is not None]
-    k = len(predictor.label_set)
-    raw = np.full((len(frames), k), np.nan)
-    if have:
-        probs = predictor.score([frames[i].crop for i in have], batch_size=batch_size)
-        raw[have] = probs
+    raw = np.stack(raw)
+    have = [i for i in range(len(frames)) if not np.isnan(raw[i, 0])]
     # Fill frames without a face from the nearest frame with one, then smooth over time.
     filled = raw.copy()
     if have:

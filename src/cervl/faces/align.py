@@ -31,24 +31,21 @@ def template(size: int = 112) -> np.ndarray:
 def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation) mapping ``src`` to ``dst``.
 
-    Umeyama's closed form without reflection. Returns a 2x3 matrix ``M`` with ``dst ~ M @ [x, y, 1]``.
+    Umeyama's solution without reflection, in its 2-D closed form: with centred points, the best
+    ``[[a, -b], [b, a]]`` has ``a = sum(s . d) / sum(|s|^2)`` and ``b = sum(s x d) / sum(|s|^2)``.
+    (No SVD: this runs for every video frame.) Returns a 2x3 matrix ``M`` with ``dst ~ M @ [x, y, 1]``.
     """
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
     mu_s, mu_d = src.mean(0), dst.mean(0)
     s, d = src - mu_s, dst - mu_d
-    var_s = (s**2).sum() / len(src)
-    cov = d.T @ s / len(src)
-    u, sig, vt = np.linalg.svd(cov)
-    sign = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[-1] = -1
-    rot = u @ np.diag(sign) @ vt
-    scale = (sig * sign).sum() / var_s
-    m = np.zeros((2, 3))
-    m[:, :2] = scale * rot
-    m[:, 2] = mu_d - scale * rot @ mu_s
-    return m
+    norm = (s * s).sum()
+    if norm == 0:
+        raise ValueError("cannot fit a similarity to coincident points")
+    a = (s * d).sum() / norm
+    b = (s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum() / norm
+    rot = np.array([[a, -b], [b, a]])
+    return np.hstack([rot, (mu_d - rot @ mu_s)[:, None]])
 
 
 def apply_affine(m: np.ndarray, points: np.ndarray) -> np.ndarray:

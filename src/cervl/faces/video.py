@@ -10,13 +10,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from cervl.faces.align import align_face
 from cervl.faces.detect import Face, FaceDetector
+from cervl.faces.track import FaceTracker, LandmarkFlow, moved_box
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +35,20 @@ def is_video(path: Path) -> bool:
 
 def read_frames(path: str | Path, every: int = 1) -> Iterator[tuple[int, Image.Image]]:
     """Yield ``(frame_number, RGB image)`` for frames 1, 1+every, ... of a video file or frame folder."""
+    for n, rgb in read_frame_arrays(path, every):
+        yield n, Image.fromarray(rgb)
+
+
+def read_frame_arrays(path: str | Path, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """Like :func:`read_frames`, as RGB uint8 arrays (no PIL round trip: cheaper per frame)."""
     path = Path(path)
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     if path.is_dir():
-        from cervl.data.base import IMAGE_SUFFIXES
-
-        files = []
-        for p in path.iterdir():
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                digits = _DIGITS.findall(p.stem)
-                if digits:
-                    files.append((int(digits[-1]), p))
-        if not files:
-            raise VideoError(f"{path}: no numbered frame images")
-        for n, p in sorted(files):
+        for n, p in _numbered_files(path):
             if (n - 1) % every == 0:
                 with Image.open(p) as im:
-                    yield n, im.convert("RGB")
+                    yield n, np.asarray(im.convert("RGB"))
         return
     import cv2
 
@@ -60,27 +57,55 @@ def read_frames(path: str | Path, every: int = 1) -> Iterator[tuple[int, Image.I
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise VideoError(f"{path}: cannot open (corrupt file or unsupported codec)")
-    n, produced = 0, 0
+    n = 0
     try:
         while True:
-            ok, frame = cap.read()
-            if not ok:
+            # grab() skips decoding work for frames that are not sampled
+            if not cap.grab():
                 break
             n += 1
             if (n - 1) % every == 0:
-                produced += 1
-                yield n, Image.fromarray(frame[:, :, ::-1].copy())
+                ok, frame = cap.retrieve()
+                if not ok:
+                    break
+                yield n, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
     finally:
         cap.release()
     if n == 0:
         raise VideoError(f"{path}: no decodable frames (empty, truncated or unsupported codec)")
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def frame_numbers(path: str | Path) -> list[int]:
+    """All frame numbers of a video file (grabbed, not decoded to RGB) or frame folder."""
+    path = Path(path)
+    if path.is_dir():
+        return [n for n, _ in _numbered_files(path)]
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise VideoError(f"{path}: cannot open (corrupt file or unsupported codec)")
+    n = 0
+    try:
+        while cap.grab():
+            n += 1
+    finally:
+        cap.release()
+    return list(range(1, n + 1))
+
+
+def _numbered_files(folder: Path) -> list[tuple[int, Path]]:
+    from cervl.data.base import IMAGE_SUFFIXES
+
+    files = []
+    for p in folder.iterdir():
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            digits = _DIGITS.findall(p.stem)
+            if digits:
+                files.append((int(digits[-1]), p))
+    if not files:
+        raise VideoError(f"{folder}: no numbered frame images")
+    return sorted(files)
 
 
 @dataclass
@@ -92,55 +117,59 @@ class FrameFace:
     landmarks: list[list[float]] | None
 
 
-class FaceTracker:
-    """Follow one person: start with the largest face, then keep the face overlapping the last box most."""
-
-    def __init__(self, min_iou: float = 0.2):
-        self.min_iou = min_iou
-        self.last: np.ndarray | None = None
-
-    def choose(self, faces: list[Face]) -> tuple[Face | None, str]:
-        if not faces:
-            return None, "lost"
-        if self.last is None:
-            chosen, status = faces[0], "tracked"
-        else:
-            scores = [iou(self.last, f.box) for f in faces]
-            best = int(np.argmax(scores))
-            if scores[best] >= self.min_iou:
-                chosen, status = faces[best], "tracked"
-            else:  # the person left or was missed: fall back to the nearest face centre
-                centre = (self.last[:2] + self.last[2:]) / 2
-                dist = [np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre) for f in faces]
-                chosen, status = faces[int(np.argmin(dist))], "switched"
-        self.last = chosen.box
-        return chosen, status
-
-
 def video_faces(path: str | Path, detector: FaceDetector, *, every: int = 1, size: int = 112,
-                redetect_every: int = 10) -> Iterator[FrameFace]:
-    """Decode, detect, track and align; one result per sampled frame.
+                redetect_every: int = 120, verify_every: int = 10) -> Iterator[FrameFace]:
+    """Decode, detect, track and align; one result per sampled frame (see :func:`track_faces`)."""
+    yield from track_faces(read_frame_arrays(path, every), detector, size=size, redetect_every=redetect_every,
+                           verify_every=verify_every)
 
-    A full detection runs every ``redetect_every`` sampled frames (and whenever the face is lost);
-    in between, a detector with a ``refine`` method (MTCNN's O-Net alone) re-locates the tracked face
-    around its previous box, which is an order of magnitude cheaper than a full image pyramid.
+
+def track_faces(frames: Iterable[tuple[int, np.ndarray]], detector: FaceDetector, *, size: int = 112,
+                redetect_every: int = 120, verify_every: int = 10) -> Iterator[FrameFace]:
+    """Detect, track and align one person over ``(frame_number, RGB array)`` pairs.
+
+    Cost is spread over three tools, from cheap to dear:
+
+    * between checks, the five landmarks move with Lucas-Kanade optical flow (:class:`LandmarkFlow`);
+    * every ``verify_every`` sampled frames, or when the flow fails, a detector with a ``refine``
+      method (MTCNN's O-Net) re-locates the face around its predicted box, which confirms it is still
+      a face and removes any drift; ``verify_every=1`` runs O-Net on every frame (no flow);
+    * every ``redetect_every`` sampled frames, or when the face is lost, a full detection runs and
+      :class:`FaceTracker` keeps the same person. ``redetect_every=1`` detects on every frame.
     """
-    tracker = FaceTracker()
-    since = redetect_every
-    for n, im in read_frames(path, every):
-        face, status = None, "lost"
-        if since < redetect_every and tracker.last is not None and hasattr(detector, "refine"):
-            face = detector.refine([im], [tracker.last])[0]
-            if face is not None:
-                tracker.last, status = face.box, "tracked"
-                since += 1
+    import cv2
+
+    if redetect_every < 1 or verify_every < 1:
+        raise ValueError("redetect_every and verify_every must be >= 1")
+    tracker, flow = FaceTracker(), LandmarkFlow()
+    can_refine = hasattr(detector, "refine")
+    face: Face | None = None
+    prev_gray = None
+    since_detect = since_verify = 0
+    for n, rgb in frames:
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        status = "tracked"
+        if face is not None and since_detect < redetect_every:
+            moved = flow.track(prev_gray, gray, face.landmarks, face.box) if verify_every > 1 else None
+            if moved is not None and since_verify + 1 < verify_every:
+                face = Face(moved_box(face.box, face.landmarks, moved), face.score, moved)
+                since_verify += 1
+            else:
+                guess = face.box if moved is None else moved_box(face.box, face.landmarks, moved)
+                face = detector.refine([rgb], [guess])[0] if can_refine else None
+                since_verify = 0
+            since_detect += 1
+        else:
+            face = None
         if face is None:
-            face, status = tracker.choose(detector.detect([im])[0])
-            since = 1
+            face, status = tracker.choose(detector.detect([rgb])[0])
+            since_detect, since_verify = 1, 0  # this frame counts as the first since the detection
+        prev_gray = gray
         if face is None:
             yield FrameFace(n, status, None, None, None)
         else:
-            crop, _ = align_face(im, face.landmarks, size)
+            tracker.last = face.box
+            crop, _ = align_face(rgb, face.landmarks, size)
             yield FrameFace(n, status, crop, face.box.round(2).tolist(), face.landmarks.round(2).tolist())
 
 
