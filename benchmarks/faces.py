@@ -77,7 +77,12 @@ def real_size_predictor(shape_dir):
     """Qwen2-VL-2B architecture, random weights (throughput does not depend on their values)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from cervl.models import _transformers_attr, get_family, make_image_processor, make_processor
+    from cervl.models import (
+        _transformers_attr,
+        get_family,
+        make_image_processor,
+        make_processor,
+    )
     from cervl.predict import Predictor
 
     cfg = AutoConfig.from_pretrained(shape_dir)

@@ -70,10 +70,27 @@ def test_align_folder_and_manifest_with_landmarks(run, tmp_path):
     res = cervl("align", photos, "-o", tmp_path / "al")
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "al" / "summary.json").read_text())
-    assert summary["status"] == {"ok": 1, "no_face": 1} and summary["crops"] == 1
+    # the JPEG-compressed astronaut also gives a weak second detection (score 0.87, on the suit's
+    # badge): the status says "multiple" and the largest face is the one aligned
+    faces = summary["status"].get("ok", 0) + summary["status"].get("multiple", 0)
+    assert faces == 1 and summary["status"]["no_face"] == 1 and summary["crops"] == 1
     rec = json.loads((tmp_path / "al" / "manifest.jsonl").read_text().splitlines()[0])
     assert rec["source"].endswith("astronaut.jpg") and len(rec["landmarks"]) == 5
+    x1, y1, x2, y2 = rec["bbox"]
+    assert 160 < x1 < 200 and 40 < y1 < 80 and 250 < x2 < 290 and 160 < y2 < 200  # the face, not the badge
     assert Image.open(tmp_path / "al" / rec["image"]).size == (112, 112)
+    # two worker processes give the same crops, in the same order; an unreadable file is reported
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(skimage_data.astronaut()).save(photos / "b_astronaut.jpg")
+    res = cervl("align", photos, "-o", tmp_path / "al_w2", "--workers", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "al_w2" / "summary.json").read_text())
+    faces = summary["status"].get("ok", 0) + summary["status"].get("multiple", 0)
+    assert faces == 2 and summary["status"]["no_face"] == summary["status"]["unreadable"] == 1
+    assert summary["workers"] == 2
+    recs = [json.loads(x) for x in (tmp_path / "al_w2" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["astronaut.jpg", "b_astronaut.jpg"]
+    assert recs[0]["landmarks"] == recs[1]["landmarks"] == rec["landmarks"]
     # a manifest with known landmarks (SynthCE originals) is aligned without detection
     res = cervl("align", run / "m" / "synthce-compound-original.jsonl", "-o", tmp_path / "al2")
     assert res.returncode == 0

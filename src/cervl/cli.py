@@ -159,6 +159,8 @@ def _add_face_options(p, *, video: bool = False) -> None:
                         "full-resolution image); 0 = full size. Default 640")
     p.add_argument("--min-face", type=int, default=20, help="mtcnn: smallest face, in pixels of that copy")
     p.add_argument("--detector-model", help="yunet: path of face_detection_yunet_2023mar.onnx")
+    p.add_argument("--workers", type=int, default=1,
+                   help="photos: align in this many processes, one core each (default 1)")
     if video:
         p.add_argument("--redetect-every", type=int, default=120,
                        help="videos: full face detection every N sampled frames (and whenever the face is lost)")
@@ -167,12 +169,16 @@ def _add_face_options(p, *, video: bool = False) -> None:
                             "(1 = O-Net on every frame)")
 
 
+def _detector_options(args) -> dict:
+    if args.detector == "mtcnn":
+        return {"max_side": args.detect_side or None, "min_face_size": args.min_face}
+    return {"model_path": args.detector_model}
+
+
 def _make_detector(args):
     from cervl.faces.detect import make_detector
 
-    if args.detector == "mtcnn":
-        return make_detector("mtcnn", max_side=args.detect_side or None, min_face_size=args.min_face)
-    return make_detector(args.detector, model_path=args.detector_model)
+    return make_detector(args.detector, **_detector_options(args))
 
 
 def _video_options(args) -> dict:
@@ -242,21 +248,19 @@ def _run_predict(args) -> int:
     predictor = Predictor.from_run(args.run)
     rows = []
     if items and args.align:
-        from PIL import Image
+        from tqdm import tqdm
 
-        from cervl.faces.pipeline import FaceAligner
+        from cervl.faces.pipeline import align_files
 
-        aligner = FaceAligner(_make_detector(args))
-        for item in items:
-            try:
-                with Image.open(item["image"]) as im:
-                    res = aligner.align(im.convert("RGB"))[0]
-            except Exception as e:
-                item["error"] = f"{type(e).__name__}: {e}"
-                continue
-            item["face_status"] = res.status
-            if res.crop is not None:
-                item["pil"] = res.crop
+        aligned = align_files([item["image"] for item in items], detector=args.detector,
+                              detector_options=_detector_options(args), workers=args.workers)
+        for i, res in tqdm(aligned, total=len(items), desc="align", unit="img"):
+            if isinstance(res, str):
+                items[i]["error"] = res
+            else:
+                items[i]["face_status"] = res[0].status
+                if res[0].crop is not None:
+                    items[i]["pil"] = res[0].crop
         for item in [i for i in items if "pil" not in i]:
             reason = item.get("error") or f"no face found ({item.get('face_status')})"
             log.warning("%s: %s", item["image"], reason)
@@ -458,12 +462,16 @@ def _add_align(sub) -> None:
 def _run_align(args) -> int:
     from collections import Counter
 
-    from PIL import Image
     from tqdm import tqdm
 
     from cervl.data.base import IMAGE_SUFFIXES
-    from cervl.data.manifest import Record, atomic_write_text, read_manifest, write_manifest
-    from cervl.faces.pipeline import FaceAligner
+    from cervl.data.manifest import (
+        Record,
+        atomic_write_text,
+        read_manifest,
+        write_manifest,
+    )
+    from cervl.faces.pipeline import align_files
 
     if args.input.is_dir():
         files = sorted(p for p in args.input.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -476,39 +484,35 @@ def _run_align(args) -> int:
         raise FileNotFoundError(f"input not found: {args.input}")
     if not jobs:
         raise ValueError(f"no images in {args.input}")
-    aligner = FaceAligner(_make_detector(args), size=args.size, faces=args.faces, fallback=args.fallback)
     crops_dir = args.out / "crops"
     crops_dir.mkdir(parents=True, exist_ok=True)
     records, statuses, log_rows = [], Counter(), []
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="align", unit="batch"):
-        batch = jobs[start:start + args.batch_size]
-        images, ok = [], []
-        for rec, path, lm in batch:
-            try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-                ok.append((rec, path, lm))
-            except Exception as e:
-                statuses["unreadable"] += 1
-                log_rows.append({"image": str(path), "status": "unreadable", "error": str(e)})
-        for (rec, path, lm), results in zip(ok, aligner.align_batch(images, [lm for _, _, lm in ok])):
-            for res in results:
-                statuses[res.status] += 1
-                log_rows.append({"image": str(path), "status": res.status, "faces": res.n_faces, "box": res.box,
-                                 "score": res.score})
-                if res.crop is None:
-                    continue
-                name = f"{len(records):06d}_{Path(rec.sample_id).stem}" + (f"_f{res.face_index}" if res.face_index else "")
-                res.crop.save(crops_dir / f"{name}.jpg", quality=95)
-                records.append(Record(image=f"crops/{name}.jpg", label=rec.label, label_set=rec.label_set,
-                                      split=rec.split, dataset=rec.dataset, id=rec.sample_id + (
-                                          f"#face{res.face_index}" if res.face_index else ""),
-                                      landmarks=res.landmarks or (lm if lm else None), bbox=res.box,
-                                      video=rec.video, frame=rec.frame, variant="aligned", source=str(path)))
+    aligned = align_files([path for _, path, _ in jobs], [lm for _, _, lm in jobs], detector=args.detector,
+                          detector_options=_detector_options(args), workers=args.workers,
+                          chunk_size=args.batch_size, size=args.size, faces=args.faces, fallback=args.fallback)
+    for i, results in tqdm(aligned, total=len(jobs), desc="align", unit="img"):
+        rec, path, lm = jobs[i]
+        if isinstance(results, str):
+            statuses["unreadable"] += 1
+            log_rows.append({"image": str(path), "status": "unreadable", "error": results})
+            continue
+        for res in results:
+            statuses[res.status] += 1
+            log_rows.append({"image": str(path), "status": res.status, "faces": res.n_faces, "box": res.box,
+                             "score": res.score})
+            if res.crop is None:
+                continue
+            name = f"{len(records):06d}_{Path(rec.sample_id).stem}" + (f"_f{res.face_index}" if res.face_index else "")
+            res.crop.save(crops_dir / f"{name}.jpg", quality=95)
+            records.append(Record(image=f"crops/{name}.jpg", label=rec.label, label_set=rec.label_set,
+                                  split=rec.split, dataset=rec.dataset, id=rec.sample_id + (
+                                      f"#face{res.face_index}" if res.face_index else ""),
+                                  landmarks=res.landmarks or (lm if lm else None), bbox=res.box,
+                                  video=rec.video, frame=rec.frame, variant="aligned", source=str(path)))
     write_manifest(args.out / "manifest.jsonl", records, root=args.out)
     atomic_write_text(args.out / "align_log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
     summary = {"inputs": len(jobs), "crops": len(records), "status": dict(statuses), "detector": args.detector,
-               "detect_side": args.detect_side, "min_face": args.min_face,
+               "detect_side": args.detect_side, "min_face": args.min_face, "workers": args.workers,
                "size": args.size, "faces": args.faces, "fallback": args.fallback}
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"{len(jobs)} images -> {len(records)} aligned crops in {crops_dir}; status: "

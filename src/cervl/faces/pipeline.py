@@ -8,6 +8,7 @@ status: ``ok``, ``no_face`` (with ``fallback=center`` a centre crop is returned 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,3 +75,66 @@ class FaceAligner:
                                        round(f.score, 4), k, len(faces)))
             out.append(res)
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallel alignment of image files
+# ----------------------------------------------------------------------------------------------
+
+_WORKER_ALIGNER: FaceAligner | None = None
+
+
+def _init_worker(detector: str, detector_options: dict, aligner_options: dict) -> None:
+    import torch
+
+    global _WORKER_ALIGNER
+    torch.set_num_threads(1)  # one core per worker: processes, not threads, give the parallelism
+    _WORKER_ALIGNER = FaceAligner(detector, **aligner_options, **detector_options)
+
+
+def _worker_chunk(chunk):
+    assert _WORKER_ALIGNER is not None
+    return _align_chunk(_WORKER_ALIGNER, chunk)
+
+
+def _align_chunk(aligner: FaceAligner, chunk: list[tuple[int, str, list | None]]
+                 ) -> list[tuple[int, list[AlignResult] | str]]:
+    """Read and align a chunk of files; an unreadable file gives its error text."""
+    images, ok, out = [], [], []
+    for i, path, lm in chunk:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+            ok.append((i, lm))
+        except Exception as e:  # noqa: BLE001 - reported per file, the others go on
+            out.append((i, f"{type(e).__name__}: {e}"))
+    if images:
+        for (i, _), res in zip(ok, aligner.align_batch(images, [lm for _, lm in ok])):
+            out.append((i, res))
+    return sorted(out, key=lambda r: r[0])
+
+
+def align_files(files: list, landmarks: list | None = None, *, detector: str = "mtcnn",
+                detector_options: dict | None = None, workers: int = 1, chunk_size: int = 8,
+                **aligner_options) -> Iterator[tuple[int, list[AlignResult] | str]]:
+    """Align image files, in order, with ``workers`` processes (one core each).
+
+    Yields ``(index, results)`` per file, or ``(index, error text)`` for a file that cannot be read.
+    Detection is CPU-bound and per image, so it scales with processes; this is how preprocessing keeps
+    up with a GPU at real model size (one core aligns ~20-60 photos/s at 640x480).
+    """
+    landmarks = landmarks or [None] * len(files)
+    jobs = [(i, str(f), lm) for i, (f, lm) in enumerate(zip(files, landmarks))]
+    chunks = [jobs[s:s + chunk_size] for s in range(0, len(jobs), chunk_size)]
+    init_args = (detector, detector_options or {}, aligner_options)
+    if workers <= 1:
+        aligner = FaceAligner(detector, **aligner_options, **(detector_options or {}))
+        for c in chunks:
+            yield from _align_chunk(aligner, c)
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: forking a process that has used torch's thread pool can deadlock
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        for done in pool.imap(_worker_chunk, chunks):
+            yield from done
