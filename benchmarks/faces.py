@@ -113,8 +113,8 @@ def main():
     # --- photos -------------------------------------------------------------------------------
     imgs = photos(args.photos)
     print("photos, 640x480, detection + alignment:")
-    for name, det, batch in (("baseline: full size, 1 per call", MTCNNDetector(), 1),
-                             ("full size, batches of 8", MTCNNDetector(), 8),
+    for name, det, batch in (("baseline: full size, 1 per call", MTCNNDetector(max_side=None), 1),
+                             ("full size, batches of 8", MTCNNDetector(max_side=None), 8),
                              ("detection on a 320-px copy", MTCNNDetector(max_side=320), 1)):
         det.detect(imgs[:1])
         rate, found = photo_rate(det, imgs, batch)
@@ -124,7 +124,7 @@ def main():
     # --- video --------------------------------------------------------------------------------
     photo = data.astronaut()
     det = MTCNNDetector(max_side=320)
-    lm0 = MTCNNDetector().detect([photo])[0][0].landmarks
+    lm0 = MTCNNDetector(max_side=None).detect([photo])[0][0].landmarks
     frames, truth = moving_face_clip(photo, lm0, n=args.frames)
     print(f"\nvideo, {args.frames} frames 640x480 (moving face, known landmarks), detection on a 320-px copy; "
           f"detection + tracking + alignment, frames in memory:")

@@ -203,13 +203,15 @@ class MTCNNDetector(FaceDetector):
     name = "mtcnn"
 
     def __init__(self, *, min_face_size: int = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
-                 max_side: int | None = None, device: str = "cpu"):
+                 max_side: int | None = 640, device: str = "cpu"):
         """``min_face_size``: smallest face searched, in pixels of the image the pyramid runs on.
 
         ``max_side``: run the first two stages (the image pyramid, most of the cost) on a copy
         downscaled to this longest side; O-Net, which gives the landmarks, still reads the
         full-resolution image, so landmark precision is kept. With ``max_side=320`` on 640x480 input,
-        faces from ``2 * min_face_size`` px up are found.
+        faces from ``2 * min_face_size`` px up are found. The default, 640, leaves 640x480 frames
+        and smaller at full size and keeps large photos (RAF-DB originals, HD frames) cheap.
+        ``None`` always runs at full size.
         """
         self.min_face_size, self.thresholds, self.factor, self.device = min_face_size, thresholds, factor, device
         self.max_side = max_side

@@ -67,6 +67,7 @@ def read_frame_arrays(path: str | Path, every: int = 1) -> Iterator[tuple[int, n
             if (n - 1) % every == 0:
                 ok, frame = cap.retrieve()
                 if not ok:
+                    log.warning("%s: frame %d could not be decoded; stopping there", path, n)
                     break
                 yield n, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
     finally:
