@@ -148,3 +148,51 @@ def test_unknown_detector_and_missing_yunet_model_are_clear_errors():
         make_detector("dlib")
     with pytest.raises(RuntimeError, match="needs model_path"):
         make_detector("yunet")
+
+
+def _two_sizes():
+    """A large astronaut face and a small Grace Hopper face on one 640x480 canvas."""
+    canvas = Image.new("RGB", (640, 480), (128, 128, 128))
+    canvas.paste(astronaut().crop((140, 20, 320, 220)).resize((270, 300)), (10, 90))
+    canvas.paste(grace_hopper().resize((60, 70)), (480, 60))
+    return canvas
+
+
+@pytest.mark.parametrize("load", [astronaut, grace_hopper, _two_sizes])
+def test_largest_first_search_finds_the_same_largest_face(detector, load):
+    img = load()
+    full = detector.detect([img])[0]
+    fast = make_detector("mtcnn", search="largest").detect([img])[0]
+    assert full and fast
+    np.testing.assert_allclose(fast[0].landmarks, full[0].landmarks, atol=0.05)
+    np.testing.assert_allclose(fast[0].box, full[0].box, atol=0.05)
+
+
+def test_largest_first_search_skips_the_fine_levels_and_still_finds_small_faces(detector):
+    det = make_detector("mtcnn", search="largest")
+    seen = []
+    propose = det._propose
+    det._propose = lambda halves, scales: seen.extend(scales) or propose(halves, scales)
+    img = _two_sizes()
+    faces = det.detect([img])[0]
+    all_scales = det._scales(480, 640)
+    # the large face (~150 px box) ends the search: levels whose window (12 / scale px) is under
+    # half its size are never run, and they are most of the pyramid's pixels
+    assert len(faces) == 1 and faces[0].box[2] - faces[0].box[0] > 120
+    side = faces[0].box[2] - faces[0].box[0]
+    assert max(seen) < all_scales[0] and 12 / max(seen) > side / 4  # finest window run: over a quarter of the face
+    cost = lambda scales: sum(s * s for s in scales)  # noqa: E731 - P-Net work ~ pixels per level
+    assert cost(seen) < 0.25 * cost(all_scales)
+    assert len(detector.detect([img])[0]) == 2  # the full search reports both faces
+    # with only a small face the search goes on down to the finest level and finds it
+    small_only = Image.new("RGB", (640, 480), (128, 128, 128))
+    small_only.paste(grace_hopper().resize((60, 70)), (480, 60))
+    seen.clear()
+    found = det.detect([small_only])[0]
+    assert len(found) == 1 and max(seen) == pytest.approx(all_scales[0])
+    np.testing.assert_allclose(found[0].landmarks, detector.detect([small_only])[0][0].landmarks, atol=0.05)
+
+
+def test_bad_search_option_is_a_clear_error():
+    with pytest.raises(ValueError, match="search must be"):
+        make_detector("mtcnn", search="biggest")

@@ -158,6 +158,10 @@ def _add_face_options(p, *, video: bool = False) -> None:
                    help="mtcnn: search faces on a copy with this longest side (landmarks still come from the "
                         "full-resolution image); 0 = full size. Default 640")
     p.add_argument("--min-face", type=int, default=20, help="mtcnn: smallest face, in pixels of that copy")
+    p.add_argument("--face-search", default="all", choices=["all", "largest"],
+                   help="mtcnn: 'all' searches every face size (default; the 'multiple' status counts every face); "
+                        "'largest' searches from large to small faces and stops once the largest face is certain "
+                        "(same largest face, 2-10x faster on photos with large faces, smaller faces not reported)")
     p.add_argument("--detector-model", help="yunet: path of face_detection_yunet_2023mar.onnx")
     p.add_argument("--workers", type=int, default=1,
                    help="photos: align in this many processes, one core each (default 1)")
@@ -171,7 +175,7 @@ def _add_face_options(p, *, video: bool = False) -> None:
 
 def _detector_options(args) -> dict:
     if args.detector == "mtcnn":
-        return {"max_side": args.detect_side or None, "min_face_size": args.min_face}
+        return {"max_side": args.detect_side or None, "min_face_size": args.min_face, "search": args.face_search}
     return {"model_path": args.detector_model}
 
 
@@ -512,7 +516,8 @@ def _run_align(args) -> int:
     write_manifest(args.out / "manifest.jsonl", records, root=args.out)
     atomic_write_text(args.out / "align_log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
     summary = {"inputs": len(jobs), "crops": len(records), "status": dict(statuses), "detector": args.detector,
-               "detect_side": args.detect_side, "min_face": args.min_face, "workers": args.workers,
+               "detect_side": args.detect_side, "min_face": args.min_face, "face_search": args.face_search,
+               "workers": args.workers,
                "size": args.size, "faces": args.faces, "fallback": args.fallback}
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"{len(jobs)} images -> {len(records)} aligned crops in {crops_dir}; status: "
