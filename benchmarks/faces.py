@@ -8,7 +8,8 @@ Everything below is measured in one run, on one thread, so ratios are meaningful
 * videos: a 640x480 clip of a real face (scikit-image's astronaut) panning, rolling and zooming
   along a known path, so landmark error is measured against the truth. Schedules: full detection on
   every frame (the baseline), O-Net on every frame, and the default: optical flow with an O-Net check
-  every 10 frames and a full detection every 120. Also end to end with MJPG decoding;
+  every 10 frames and a full detection every 120. Also end to end with MJPG decoding, and six such
+  videos in one process vs two worker processes (one video each, as ``cervl abaw --workers 2``);
 * prediction: tiny-model scoring of 112-px crops (the demo's model size, minimal prompt);
 * with ``../shared`` (or $CERVL_SHARED): the real Qwen2-VL-2B shape with random weights, scoring the
   same crops with the same code, for preprocessing's share of the time at real model size (CPU).
@@ -162,6 +163,29 @@ def main():
         rate = len(rows) / (time.perf_counter() - t)
         rates["video: default, with MJPG decoding"] = rate
         print(f"  {'default, end to end with MJPG decoding':50s} {rate:7.1f} frames/s")
+        # several videos: one process per video (decode + track + align), as `cervl abaw --workers N` does
+        from cervl.faces.video import parallel_video_faces
+
+        paths = [path] + [f"{d}/clip{i}.avi" for i in range(1, 6)]
+        for p in paths[1:]:
+            Path(p).write_bytes(Path(path).read_bytes())
+        for workers in (1, 2):
+            t = time.perf_counter()
+            if workers == 1:
+                n = sum(1 for p in paths for _ in video_faces(p, det))
+                steady = n / (time.perf_counter() - t)
+            else:
+                n, first = 0, None
+                for kind, _, x in parallel_video_faces(paths, detector_options={"max_side": 320}, workers=workers):
+                    if kind == "frames":
+                        if first is None:  # processes started, first chunk back
+                            first, n0 = time.perf_counter(), len(x)
+                        n += len(x)
+                steady = (n - n0) / (time.perf_counter() - first)
+            rate = n / (time.perf_counter() - t)
+            rates[f"video: 6 videos, MJPG, {workers} process(es)"] = steady
+            print(f"  {f'6 videos end to end, {workers} process(es)':50s} {steady:7.1f} frames/s "
+                  f"({rate:.1f} with process start-up)")
     base = rates["video: baseline: full detection every frame"]
     print(f"  tracking (default) / per-frame detection: "
           f"{rates['video: default: flow, O-Net every 10, detection every 120'] / base:.1f}x")

@@ -106,7 +106,8 @@ def test_abaw_command_on_frame_folders(run, tmp_path):
             canvas = Image.new("RGB", (320, 240), (110, 110, 110))
             canvas.paste(face, (40 + 5 * i, 20))
             canvas.save(tmp_path / "videos" / video / f"{i:05d}.jpg")
-    res = cervl("abaw", tmp_path / "videos", "--run", run / "run", "-o", tmp_path / "sub.txt")
+    # two worker processes, one video each: lines still come in video order
+    res = cervl("abaw", tmp_path / "videos", "--run", run / "run", "-o", tmp_path / "sub.txt", "--workers", "2")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = (tmp_path / "sub.txt").read_text().splitlines()
     assert lines[0].startswith("image_location,Fearfully_Surprised")

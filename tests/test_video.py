@@ -103,6 +103,39 @@ def test_video_round_trip_through_prediction(tmp_path):
     assert Image.open(png).size[0] > 300
 
 
+def test_videos_in_worker_processes_match_one_process_and_report_broken_files(tmp_path):
+    from cervl.faces.detect import mtcnn_weights_dir
+    from cervl.models import build_tiny
+    from cervl.predict import Predictor, predict_videos
+
+    try:
+        mtcnn_weights_dir()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    a = write_video(tmp_path / "a.avi", face_frames(7, blank=(3,)))
+    frames = tmp_path / "b"  # a folder of frames is a video too
+    frames.mkdir()
+    for i, f in enumerate(face_frames(5, blank=()), 1):
+        Image.fromarray(f).save(frames / f"{i:05d}.png")
+    broken = tmp_path / "c.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 cut short")
+    model, proc = build_tiny("tiny-qwen2-vl", seed=0)
+    pred = Predictor(model, proc, "minimal", "cexprdb")
+    paths = [a, broken, frames]
+    serial = dict(predict_videos(pred, paths, workers=1, batch_size=4))
+    parallel = dict(predict_videos(pred, paths, workers=2, batch_size=4))
+    assert sorted(parallel) == [0, 1, 2]
+    assert isinstance(parallel[1], str) and "c.mp4" in parallel[1] and "cannot open" in parallel[1]
+    for i, n_frames in ((0, 7), (2, 5)):
+        assert [r["frame"] for r in parallel[i]] == [r["frame"] for r in serial[i]] == list(range(1, n_frames + 1))
+        assert [r["status"] for r in parallel[i]] == [r["status"] for r in serial[i]]
+        for rp, rs in zip(parallel[i], serial[i]):
+            assert rp["box"] == rs["box"]
+            if rs["probs"] is not None:  # same crops, same model: same probabilities
+                assert np.allclose(list(rp["probs"].values()), list(rs["probs"].values()), atol=1e-5)
+    assert parallel[0][2]["status"] == "lost" and parallel[2][0]["id"] == "b/00001"
+
+
 class CountingDetector:
     """Wraps MTCNN and counts the expensive calls, to check what tracking actually runs."""
 

@@ -164,7 +164,9 @@ def _add_face_options(p, *, video: bool = False) -> None:
                         "(same largest face, 2-10x faster on photos with large faces, smaller faces not reported)")
     p.add_argument("--detector-model", help="yunet: path of face_detection_yunet_2023mar.onnx")
     p.add_argument("--workers", type=int, default=1,
-                   help="photos: align in this many processes, one core each (default 1)")
+                   help="preprocess in this many processes, one core each (default 1): photos are aligned in "
+                        "parallel; videos are decoded, tracked and aligned one per process while the model scores "
+                        "the crops in the main process")
     if video:
         p.add_argument("--redetect-every", type=int, default=120,
                        help="videos: full face detection every N sampled frames (and whenever the face is lost)")
@@ -286,32 +288,30 @@ def _run_predict(args) -> int:
 
 def _predict_videos(args, predictor) -> list[dict]:
     """Per-frame rows for every video input; a broken video is reported and the others go on."""
-    from cervl.faces.video import VideoError
-    from cervl.predict import plot_video_probs, predict_video
+    from cervl.predict import plot_video_probs, predict_videos
 
     videos = [p for p in args.inputs if _is_video_input(p, args)]
     if not videos:
         return []
     if args.mode != "score":
         raise ValueError("video prediction uses --mode score (per-frame probabilities are smoothed over time)")
-    detector = _make_detector(args)
-    rows = []
-    for v in videos:
-        try:
-            vrows = predict_video(predictor, v, detector, every=args.every, smoothing=args.smoothing,
-                                  window=args.window, sigma=args.sigma, batch_size=args.batch_size,
-                                  **_video_options(args))
-        except (VideoError, ValueError) as e:
-            log.error("video %s: %s", v, e)
-            rows.append({"video": v.stem, "image": str(v), "pred": None, "error": str(e)})
+    per_video: dict[int, list[dict]] = {}
+    for i, result in predict_videos(predictor, videos, detector=args.detector, detector_options=_detector_options(args),
+                                    workers=args.workers, every=args.every, smoothing=args.smoothing,
+                                    window=args.window, sigma=args.sigma, batch_size=args.batch_size,
+                                    **_video_options(args)):
+        v = videos[i]
+        if isinstance(result, str):
+            log.error("video %s: %s", v, result)
+            per_video[i] = [{"video": v.stem, "image": str(v), "pred": None, "error": result}]
             continue
-        lost = sum(r["status"] == "lost" for r in vrows)
-        print(f"{v}: {len(vrows)} frames predicted ({lost} without a face)")
+        lost = sum(r["status"] == "lost" for r in result)
+        print(f"{v}: {len(result)} frames predicted ({lost} without a face)")
         if args.plot:
-            png = plot_video_probs(vrows, predictor.label_set.classes, Path(f"{args.out}.{vrows[0]['video']}.png"))
+            png = plot_video_probs(result, predictor.label_set.classes, Path(f"{args.out}.{result[0]['video']}.png"))
             print(f"  plot: {png}")
-        rows += [{**r, "image": str(v)} for r in vrows]
-    return rows
+        per_video[i] = [{**r, "image": str(v)} for r in result]
+    return [r for i in sorted(per_video) for r in per_video[i]]  # input order, whatever finished first
 
 
 def _add_abaw(sub) -> None:
@@ -330,9 +330,9 @@ def _add_abaw(sub) -> None:
 def _run_abaw(args) -> int:
     import numpy as np
 
-    from cervl.faces.video import VideoError, is_video
+    from cervl.faces.video import is_video
     from cervl.labels import get_label_set
-    from cervl.predict import Predictor, predict_video
+    from cervl.predict import Predictor, predict_videos
     from cervl.report import write_abaw_submission
 
     predictor = Predictor.from_run(args.run)
@@ -343,26 +343,29 @@ def _run_abaw(args) -> int:
     inputs = sorted(p for p in args.root.iterdir() if (p.is_file() and is_video(p)) or p.is_dir())
     if not inputs:
         raise ValueError(f"no videos or frame folders in {args.root}")
-    detector = _make_detector(args)
     keep = [predictor.label_set.index_of[c] for c in cexpr.classes]
-    rows, failed = [], []
-    for v in inputs:
-        try:
-            vrows = predict_video(predictor, v, detector, every=1, smoothing=args.smoothing,
-                                  **_video_options(args)) if args.every == 1 else \
-                _every_n_filled(predictor, v, detector, args)
-        except (VideoError, ValueError) as e:
-            log.error("%s: %s", v, e)
+    per_video: dict[int, list[dict]] = {}
+    failed: list[str] = []
+    # with --every N, score every Nth frame; every frame then takes the nearest scored frame's label
+    for i, result in predict_videos(predictor, inputs, detector=args.detector,
+                                    detector_options=_detector_options(args), workers=args.workers,
+                                    every=args.every, smoothing=args.smoothing, **_video_options(args)):
+        v = inputs[i]
+        if isinstance(result, str):
+            log.error("%s", result)
             failed.append(str(v))
             continue
-        for r in vrows:
-            probs = r.get("probs_smoothed")
-            if probs is None:
-                failed.append(f"{v} (no face in any frame)")
-                break
+        if all(r.get("probs_smoothed") is None for r in result):
+            failed.append(f"{v} (no face in any frame)")
+            continue
+        if args.every > 1:
+            result = _fill_every_frame(result, v)
+        per_video[i] = []
+        for r in result:
             # restrict to the 7 challenge classes (a run may predict a superset such as rafdb-compound)
-            p = np.array([probs[predictor.label_set.classes[i]] for i in keep])
-            rows.append({"video": r["video"], "frame": r["frame"], "pred": cexpr.classes[int(p.argmax())]})
+            p = np.array([r["probs_smoothed"][predictor.label_set.classes[k]] for k in keep])
+            per_video[i].append({"video": r["video"], "frame": r["frame"], "pred": cexpr.classes[int(p.argmax())]})
+    rows = [r for i in sorted(per_video) for r in per_video[i]]
     write_abaw_submission(rows, args.out)
     print(f"wrote {len(rows)} frame predictions for {len(inputs) - len(failed)} videos to {args.out}")
     if failed:
@@ -370,20 +373,16 @@ def _run_abaw(args) -> int:
     return 0 if not failed else 1
 
 
-def _every_n_filled(predictor, video, detector, args) -> list[dict]:
-    """Score every Nth frame, then give every decoded frame the nearest scored frame's probabilities."""
-    from cervl.faces.video import frame_numbers
-    from cervl.predict import predict_video
-
-    scored = predict_video(predictor, video, detector, every=args.every, smoothing=args.smoothing,
-                           **_video_options(args))
-    all_frames = frame_numbers(video)
-    by_frame = {r["frame"]: r for r in scored}
-    keys = sorted(by_frame)
+def _fill_every_frame(scored: list[dict], video) -> list[dict]:
+    """Give every decoded frame of ``video`` the row of the nearest scored frame."""
     import bisect
 
+    from cervl.faces.video import frame_numbers
+
+    by_frame = {r["frame"]: r for r in scored}
+    keys = sorted(by_frame)
     out = []
-    for n in all_frames:
+    for n in frame_numbers(video):
         i = bisect.bisect_left(keys, n)
         near = min((k for k in keys[max(0, i - 1): i + 1]), key=lambda k: abs(k - n))
         out.append({**by_frame[near], "frame": n})

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,67 @@ def _row(item: dict) -> dict:
 # Videos
 # ----------------------------------------------------------------------------------------------
 
+class _VideoScorer:
+    """Scores one video's :class:`~cervl.faces.video.FrameFace` stream in batches as frames arrive
+    (memory does not grow with the video's length), then smooths the per-frame probabilities."""
+
+    def __init__(self, predictor: "Predictor", video: str, batch_size: int = 16):
+        self.predictor, self.video, self.batch_size = predictor, video, batch_size
+        self.frames, self.raw, self.pending = [], [], []
+
+    def add(self, f) -> None:
+        import dataclasses
+
+        self.raw.append(np.full(len(self.predictor.label_set), np.nan))
+        if f.crop is not None:
+            self.pending.append((len(self.frames), f.crop))
+            if len(self.pending) >= self.batch_size:
+                self._flush()
+        self.frames.append(dataclasses.replace(f, crop=None))  # keep only the metadata of scored frames
+
+    def _flush(self) -> None:
+        probs = self.predictor.score([crop for _, crop in self.pending], batch_size=self.batch_size)
+        for (i, _), p in zip(self.pending, probs):
+            self.raw[i] = p
+        self.pending.clear()
+
+    def rows(self, smoothing: str = "gaussian", window: int = 5, sigma: float = 1.5) -> list[dict]:
+        from cervl.faces.video import smooth
+
+        if self.pending:
+            self._flush()
+        if not self.frames:
+            raise ValueError(f"{self.video}: no frames decoded")
+        classes, video = self.predictor.label_set.classes, self.video
+        raw = np.stack(self.raw)
+        have = [i for i in range(len(self.frames)) if not np.isnan(raw[i, 0])]
+        # Fill frames without a face from the nearest frame with one, then smooth over time.
+        filled = raw.copy()
+        if have:
+            idx = np.array(have)
+            for i in range(len(self.frames)):
+                if np.isnan(filled[i, 0]):
+                    filled[i] = raw[idx[np.argmin(np.abs(idx - i))]]
+            smoothed = smooth(filled, smoothing, window=window, sigma=sigma)
+        rows = []
+        for i, f in enumerate(self.frames):
+            row = {"video": video, "frame": f.frame, "id": f"{video}/{f.frame:05d}", "status": f.status,
+                   "box": f.box,
+                   "probs": None if np.isnan(raw[i, 0]) else {c: round(float(v), 6) for c, v in zip(classes, raw[i])}}
+            if have:
+                row["probs_smoothed"] = {c: round(float(v), 6) for c, v in zip(classes, smoothed[i])}
+                row["pred"] = classes[int(smoothed[i].argmax())]
+            else:
+                row["pred"] = None
+            rows.append(row)
+        return rows
+
+
+def video_name(path) -> str:
+    """A video's id in outputs: the file's stem, or a frame folder's name."""
+    return Path(path).stem if Path(path).is_file() else Path(path).name
+
+
 def predict_video(predictor: "Predictor", path, detector, *, every: int = 1, smoothing: str = "gaussian",
                   window: int = 5, sigma: float = 1.5, batch_size: int = 16, size: int = 112,
                   redetect_every: int = 120, verify_every: int = 10) -> list[dict]:
@@ -393,57 +455,64 @@ def predict_video(predictor: "Predictor", path, detector, *, every: int = 1, smo
     output carries the neighbours' probabilities over them (so every sampled frame gets a label),
     and ``pred`` of a lost frame is None when no face was seen anywhere in the video.
     """
-    import dataclasses
+    from cervl.faces.video import video_faces
 
-    from tqdm import tqdm
-
-    from cervl.faces.video import smooth, video_faces
-
-    video = Path(path).stem if Path(path).is_file() else Path(path).name
-    k = len(predictor.label_set)
-    frames, raw, pending = [], [], []
-
-    def flush():
-        probs = predictor.score([f.crop for _, f in pending], batch_size=batch_size)
-        for (i, _), p in zip(pending, probs):
-            raw[i] = p
-        pending.clear()
-
+    scorer = _VideoScorer(predictor, video_name(path), batch_size)
     stream = video_faces(path, detector, every=every, size=size, redetect_every=redetect_every,
                          verify_every=verify_every)
-    for f in tqdm(stream, desc=video, unit="frame", leave=False):
-        raw.append(np.full(k, np.nan))
-        if f.crop is not None:
-            pending.append((len(frames), f))
-            if len(pending) >= batch_size:
-                flush()
-        frames.append(dataclasses.replace(f, crop=None))  # keep only the metadata of scored frames
-    if pending:
-        flush()
-    if not frames:
-        raise ValueError(f"{path}: no frames decoded")
-    raw = np.stack(raw)
-    have = [i for i in range(len(frames)) if not np.isnan(raw[i, 0])]
-    # Fill frames without a face from the nearest frame with one, then smooth over time.
-    filled = raw.copy()
-    if have:
-        idx = np.array(have)
-        for i in range(len(frames)):
-            if np.isnan(filled[i, 0]):
-                filled[i] = raw[idx[np.argmin(np.abs(idx - i))]]
-        smoothed = smooth(filled, smoothing, window=window, sigma=sigma)
-    rows = []
-    for i, f in enumerate(frames):
-        row = {"video": video, "frame": f.frame, "id": f"{video}/{f.frame:05d}", "status": f.status, "box": f.box,
-               "probs": None if np.isnan(raw[i, 0]) else {c: round(float(v), 6)
-                                                          for c, v in zip(predictor.label_set.classes, raw[i])}}
-        if have:
-            row["probs_smoothed"] = {c: round(float(v), 6) for c, v in zip(predictor.label_set.classes, smoothed[i])}
-            row["pred"] = predictor.label_set.classes[int(smoothed[i].argmax())]
-        else:
-            row["pred"] = None
-        rows.append(row)
-    return rows
+    for f in tqdm(stream, desc=scorer.video, unit="frame", leave=False):
+        scorer.add(f)
+    return scorer.rows(smoothing, window, sigma)
+
+
+def predict_videos(predictor: "Predictor", paths: list, *, detector: str = "mtcnn",
+                   detector_options: dict | None = None, workers: int = 1, every: int = 1,
+                   smoothing: str = "gaussian", window: int = 5, sigma: float = 1.5, batch_size: int = 16,
+                   size: int = 112, redetect_every: int = 120, verify_every: int = 10
+                   ) -> Iterator[tuple[int, list[dict] | str]]:
+    """:func:`predict_video` over many videos; yields ``(index in paths, rows)`` as each video ends,
+    or ``(index, error text)`` for a video that cannot be decoded (the others go on).
+
+    With ``workers > 1``, decoding, face tracking and alignment run in that many processes (one core
+    and one video each, see :func:`cervl.faces.video.parallel_video_faces`) while this process
+    scores the crops as they arrive, so the model is never waiting on one video's preprocessing.
+    """
+    from cervl.faces.detect import make_detector
+    from cervl.faces.video import VideoError, parallel_video_faces
+
+    track = {"every": every, "size": size, "redetect_every": redetect_every, "verify_every": verify_every}
+    finish = {"smoothing": smoothing, "window": window, "sigma": sigma}
+    if workers <= 1 or len(paths) == 1:
+        det = make_detector(detector, **(detector_options or {}))
+        for i, path in enumerate(paths):
+            try:
+                yield i, predict_video(predictor, path, det, batch_size=batch_size, **track, **finish)
+            except (VideoError, ValueError) as e:
+                yield i, str(e)
+        return
+    scorers: dict[int, _VideoScorer] = {}
+    bar = tqdm(total=len(paths), unit="video", desc=f"videos ({workers} workers)")
+    frames = 0
+    try:
+        for kind, i, payload in parallel_video_faces(paths, detector=detector, detector_options=detector_options,
+                                                     workers=workers, **track):
+            if kind == "frames":
+                scorer = scorers.setdefault(i, _VideoScorer(predictor, video_name(paths[i]), batch_size))
+                for f in payload:
+                    scorer.add(f)
+                frames += len(payload)
+                bar.set_postfix(frames=frames)
+                continue
+            bar.update(1)
+            scorer = scorers.pop(i, None)
+            if kind == "error":
+                yield i, payload
+            elif scorer is None:
+                yield i, f"{paths[i]}: no frames decoded"
+            else:
+                yield i, scorer.rows(**finish)
+    finally:
+        bar.close()
 
 
 def plot_video_probs(rows: list[dict], classes: tuple[str, ...], path) -> Path:

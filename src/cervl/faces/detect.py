@@ -274,7 +274,7 @@ class MTCNNDetector(FaceDetector):
         full = self._arrays(images)
         if len({a.shape for a in full}) > 1:
             return [self.detect([a])[0] for a in full]
-        n, (h0, w0) = len(full), full[0].shape[:2]
+        h0, w0 = full[0].shape[:2]
         k = 1.0
         small = full
         if self.max_side and max(w0, h0) > self.max_side:

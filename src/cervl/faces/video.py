@@ -7,6 +7,7 @@ frame images is accepted too; its frame numbers come from the file names.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -123,6 +124,96 @@ def video_faces(path: str | Path, detector: FaceDetector, *, every: int = 1, siz
     """Decode, detect, track and align; one result per sampled frame (see :func:`track_faces`)."""
     yield from track_faces(read_frame_arrays(path, every), detector, size=size, redetect_every=redetect_every,
                            verify_every=verify_every)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many videos at once: one process per video, frames streamed back in chunks
+# ----------------------------------------------------------------------------------------------
+
+def _video_worker(tasks, results, paths, detector: str, detector_options: dict, options: dict, chunk: int) -> None:
+    """Worker process: take video indices from ``tasks`` until None, stream their faces to ``results``."""
+    import torch
+
+    from cervl.faces.detect import make_detector
+
+    torch.set_num_threads(1)  # one core per process: the processes give the parallelism
+    det = make_detector(detector, **detector_options)
+    while (i := tasks.get()) is not None:
+        results.put(("start", i, os.getpid()))
+        try:
+            buf = []
+            for f in video_faces(paths[i], det, **options):
+                buf.append(f)
+                if len(buf) >= chunk:
+                    results.put(("frames", i, buf))
+                    buf = []
+            if buf:
+                results.put(("frames", i, buf))
+            results.put(("done", i, None))
+        except (VideoError, ValueError) as e:
+            results.put(("error", i, str(e)))
+        except Exception as e:  # noqa: BLE001 - reported per video, the other videos go on
+            results.put(("error", i, f"{paths[i]}: {type(e).__name__}: {e}"))
+
+
+def parallel_video_faces(paths: list, *, detector: str = "mtcnn", detector_options: dict | None = None,
+                         workers: int = 2, chunk: int = 32, **options) -> Iterator[tuple[str, int, object]]:
+    """:func:`video_faces` for many videos in ``workers`` processes (one core each, spawned).
+
+    Yields events as they arrive, videos interleaved: ``("frames", i, [FrameFace, ...])`` (a chunk
+    of video ``i``'s frames, in frame order), then ``("done", i, None)`` or ``("error", i, text)``
+    (frames already sent for a failed video should be discarded). Every video ends with exactly one
+    ``done`` or ``error``, also when a worker process dies. The results queue is bounded, so
+    workers wait when the consumer (e.g. the model on a GPU) is slower: memory stays flat.
+    ``options``: ``every``, ``size``, ``redetect_every``, ``verify_every`` of :func:`video_faces`.
+    """
+    import multiprocessing as mp
+    import queue
+
+    paths = [str(p) for p in paths]
+    ctx = mp.get_context("spawn")  # not fork: a forked torch thread pool can deadlock
+    tasks, results = ctx.Queue(), ctx.Queue(maxsize=4 * max(1, workers))
+    for i in range(len(paths)):
+        tasks.put(i)
+    procs = []
+    for _ in range(max(1, min(workers, len(paths)))):
+        tasks.put(None)
+        procs.append(ctx.Process(target=_video_worker, daemon=True,
+                                 args=(tasks, results, paths, detector, detector_options or {}, options, chunk)))
+    for p in procs:
+        p.start()
+    running: dict[int, int] = {}  # video -> pid of the worker decoding it
+    finished: set[int] = set()
+    try:
+        while len(finished) < len(paths):
+            try:
+                kind, i, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = {p.pid for p in procs if not p.is_alive()}
+                for i, pid in list(running.items()):  # a worker died (crash in a decoder, out of memory)
+                    if pid in dead:
+                        del running[i]
+                        finished.add(i)
+                        yield "error", i, f"{paths[i]}: the worker process decoding this video died"
+                if len(dead) == len(procs) and results.empty():
+                    for i in range(len(paths)):
+                        if i not in finished:
+                            finished.add(i)
+                            yield "error", i, f"{paths[i]}: not processed: all worker processes died"
+                continue
+            if kind == "start":
+                running[i] = payload
+                continue
+            if kind in ("done", "error"):
+                running.pop(i, None)
+                finished.add(i)
+            yield kind, i, payload
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5)
 
 
 def track_faces(frames: Iterable[tuple[int, np.ndarray]], detector: FaceDetector, *, size: int = 112,
