@@ -150,6 +150,14 @@ def main():
         rates[f"video: {name}"] = rate
         print(f"  {name:50s} {rate:7.1f} frames/s   NME mean {err.mean():.4f} max {err.max():.4f} "
               f"(faces {len(err)}/{len(rows)})")
+    smile_frames, smile_truth = moving_face_clip(photo, lm0, n=min(args.frames, 120), smile=1.0)
+    print("  the same motion plus a smile (mouth corners move 0.18 eye distances out and 0.1 up and back, twice):")
+    for name, redetect, verify in (("full detection every frame", 1, 1), ("O-Net every frame", 120, 1),
+                                   ("default: flow, O-Net every 10, detection every 120", 120, 10),
+                                   ("flow alone after the first detection", 10**6, 10**6)):
+        rows = list(track_faces(enumerate(smile_frames, 1), det, redetect_every=redetect, verify_every=verify))
+        err = nme(rows, smile_truth)
+        print(f"    {name:52s} NME mean {err.mean():.4f} max {err.max():.4f}")
     import cv2
 
     with tempfile.TemporaryDirectory() as d:

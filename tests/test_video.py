@@ -190,6 +190,43 @@ def test_flow_tracking_is_as_accurate_as_detecting_every_frame(moving_clip):
     assert tracked.mean() < 1.5 * detected.mean(), (tracked.mean(), detected.mean())
 
 
+def test_tracking_follows_an_expression_change():
+    """A smile (mouth corners pulled out and up, known path) on top of the moving camera: the
+    landmarks must follow the non-rigid motion, not just the head."""
+    from cervl.faces.detect import make_detector
+    from cervl.faces.testclip import Smile, moving_face_clip
+    from cervl.faces.video import track_faces
+
+    try:
+        det = make_detector("mtcnn", max_side=320)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    photo = skimage_data.astronaut()
+    lm0 = det.detect([photo])[0][0].landmarks
+    field = Smile(lm0)
+    moved = field.move(lm0, 1.0)
+    np.testing.assert_allclose(moved - field.displacement(moved, 1.0), lm0, atol=1e-9)  # exact truth
+    frames, truth = moving_face_clip(photo, lm0, n=60, smile=1.0)
+    iod = np.linalg.norm(truth[:, 0] - truth[:, 1], axis=1)
+    width = np.linalg.norm(truth[:, 3] - truth[:, 4], axis=1) / iod
+    assert width.max() - width.min() > 0.25  # the mouth widens by over a quarter of the eye distance
+
+    def run(redetect, verify):
+        rows = list(track_faces(enumerate(frames, 1), det, redetect_every=redetect, verify_every=verify))
+        lm = np.array([r.landmarks for r in rows])
+        err = (np.linalg.norm(lm - truth, axis=2) / iod[:, None]).mean()
+        return err, np.corrcoef(np.linalg.norm(lm[:, 3] - lm[:, 4], axis=1) / iod, width)[0, 1]
+
+    default_err, default_corr = run(120, 10)
+    flow_err, flow_corr = run(120, 60)  # optical flow alone after the first detection
+    detected_err, _ = run(1, 1)
+    # the flow moves each landmark on its own, so it follows the smile closely (measured: r = 0.99);
+    # with O-Net checks every 10 frames the result is as good as detecting every frame (0.037 vs 0.034)
+    assert flow_corr > 0.95 and flow_err < 0.04, (flow_corr, flow_err)
+    assert default_corr > 0.85 and default_err < 0.045 and default_err < 1.3 * detected_err, (
+        default_corr, default_err, detected_err)
+
+
 def test_tracking_schedule_counts(moving_clip):
     from cervl.faces.video import track_faces
 
