@@ -209,6 +209,7 @@ def parallel_video_faces(paths: list, *, detector: str = "mtcnn", detector_optio
                 finished.add(i)
             yield kind, i, payload
     finally:
+        tasks.cancel_join_thread()  # unread task ids must not keep this process from exiting
         for p in procs:
             if p.is_alive():
                 p.terminate()
