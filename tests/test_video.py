@@ -1,5 +1,7 @@
 """Video decoding, tracking, smoothing and per-frame prediction; the ABAW command end to end."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -134,6 +136,35 @@ def test_videos_in_worker_processes_match_one_process_and_report_broken_files(tm
             if rs["probs"] is not None:  # same crops, same model: same probabilities
                 assert np.allclose(list(rp["probs"].values()), list(rs["probs"].values()), atol=1e-5)
     assert parallel[0][2]["status"] == "lost" and parallel[2][0]["id"] == "b/00001"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_dead_video_worker_is_reported_and_the_others_finish(tmp_path):
+    import multiprocessing as mp
+
+    from cervl.faces.detect import mtcnn_weights_dir
+    from cervl.faces.video import parallel_video_faces
+
+    try:
+        mtcnn_weights_dir()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    stuck = tmp_path / "stuck"  # a frame folder whose first frame never arrives: its worker hangs in read()
+    stuck.mkdir()
+    os.mkfifo(stuck / "00001.jpg")
+    good = write_video(tmp_path / "good.avi", face_frames(4, blank=()))
+    ended, frames = {}, 0
+    for kind, i, payload in parallel_video_faces([stuck, good], workers=2, chunk=2):
+        frames += len(payload) if kind == "frames" else 0
+        if kind in ("done", "error"):
+            ended[i] = (kind, payload)
+            if i == 1:  # the good video is done: kill the hung worker, as a crash in a decoder would
+                for p in mp.active_children():
+                    p.kill()
+    assert ended[1] == ("done", None) and frames == 4
+    assert ended[0][0] == "error" and "stuck" in ended[0][1] and "died" in ended[0][1]
+    with pytest.raises(KeyError, match="unknown face detector"):
+        next(parallel_video_faces([good], detector="nope"))
 
 
 class CountingDetector:

@@ -170,6 +170,9 @@ def parallel_video_faces(paths: list, *, detector: str = "mtcnn", detector_optio
     import multiprocessing as mp
     import queue
 
+    from cervl.faces.detect import make_detector
+
+    make_detector(detector, **(detector_options or {}))  # a bad name or option fails here, not in every worker
     paths = [str(p) for p in paths]
     ctx = mp.get_context("spawn")  # not fork: a forked torch thread pool can deadlock
     tasks, results = ctx.Queue(), ctx.Queue(maxsize=4 * max(1, workers))
