@@ -136,3 +136,36 @@ def test_predict_videos_bad_file_reported_and_others_go_on(run, tmp_path):
     assert [r["frame"] for r in good] == [1, 3] and all(r["pred"] for r in good)
     assert any(r.get("error") and r["video"] == "broken" for r in rows)
     assert (tmp_path / "v.jsonl.good.png").is_file()
+
+
+def test_align_videos_writes_tracked_frames_and_reports_broken_ones(tmp_path):
+    """`cervl align --videos`: Aff-Wild2-style frames/<video>/<frame:05d>.jpg, a manifest with the
+    tracked boxes and landmarks, frames without a face counted, a broken video reported."""
+    cv2 = pytest.importorskip("cv2")
+    skimage_data = pytest.importorskip("skimage.data")
+    face = np.asarray(Image.fromarray(skimage_data.astronaut()).crop((140, 20, 320, 220)))
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    vw = cv2.VideoWriter(str(videos / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (320, 240))
+    for i in range(1, 7):
+        canvas = np.full((240, 320, 3), 100, np.uint8)
+        if i != 4:  # frame 4 shows no face
+            canvas[20:220, 40 + 4 * i:220 + 4 * i] = face
+        vw.write(np.ascontiguousarray(canvas[:, :, ::-1]))
+    vw.release()
+    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 cut short")
+    res = cervl("align", videos, "--videos", "-o", tmp_path / "out", "--workers", "2", "--every", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "broken.mp4" in res.stderr
+    crops = sorted(p.name for p in (tmp_path / "out" / "frames" / "clip").iterdir())
+    assert crops == ["00001.jpg", "00002.jpg", "00003.jpg", "00005.jpg", "00006.jpg"]
+    assert Image.open(tmp_path / "out" / "frames" / "clip" / "00001.jpg").size == (112, 112)
+    assert not (tmp_path / "out" / "frames" / "broken").exists()
+    rows = [json.loads(l) for l in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["video"], r["frame"]) for r in rows] == [("clip", n) for n in (1, 2, 3, 5, 6)]
+    # the face moves 4 px right per frame; the tracked box follows it
+    x = [(r["bbox"][0] + r["bbox"][2]) / 2 for r in rows]
+    assert np.allclose(np.diff(x) / np.diff([1, 2, 3, 5, 6]), 4, atol=1.5), x
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["per_video"]["clip"]["frames"] == 6 and summary["per_video"]["clip"]["lost"] == 1
+    assert list(summary["failed"]) == [str(videos / "broken.mp4")] and summary["crops"] == 5

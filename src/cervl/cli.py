@@ -449,11 +449,17 @@ def _run_ablate(args) -> int:
 def _add_align(sub) -> None:
     p = sub.add_parser("align", help="detect faces and write 5-point aligned crops plus a manifest",
                        description="INPUT is a folder of images or a manifest. Known landmarks in a manifest "
-                                   "(e.g. RAF-DB manual annotations) are used instead of detection.")
+                                   "(e.g. RAF-DB manual annotations) are used instead of detection. A video "
+                                   "file, or with --videos a folder of videos and frame folders, gives "
+                                   "OUT/frames/<video>/<frame:05d>.jpg (the Aff-Wild2 cropped_aligned layout), "
+                                   "one tracked face per frame.")
     p.add_argument("input", type=Path)
+    p.add_argument("--videos", action="store_true",
+                   help="INPUT is a folder of videos (files) and frame folders (sub-folders), one video each")
+    p.add_argument("--every", type=int, default=1, help="videos: align every Nth frame (default 1)")
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder (crops, manifest.jsonl, summary.json)")
     p.add_argument("--size", type=int, default=112, help="crop size (default 112, the 5-point template size)")
-    _add_face_options(p)
+    _add_face_options(p, video=True)
     p.add_argument("--faces", default="largest", choices=["largest", "all"])
     p.add_argument("--fallback", default="skip", choices=["skip", "center"], help="when no face is found")
     p.add_argument("--label-set", default="basic-7", help="label set of the output records for folder input")
@@ -475,7 +481,10 @@ def _run_align(args) -> int:
         write_manifest,
     )
     from cervl.faces.pipeline import align_files
+    from cervl.faces.video import is_video
 
+    if args.videos or (args.input.is_file() and is_video(args.input)):
+        return _align_videos(args)
     if args.input.is_dir():
         files = sorted(p for p in args.input.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         jobs = [(Record(image=str(f.relative_to(args.input)), label=None, label_set=args.label_set, split=args.split,
@@ -521,6 +530,73 @@ def _run_align(args) -> int:
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"{len(jobs)} images -> {len(records)} aligned crops in {crops_dir}; status: "
           + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+    print(f"manifest: {args.out / 'manifest.jsonl'}")
+    return 0
+
+
+def _align_videos(args) -> int:
+    """`cervl align` for videos: tracked, aligned face crops per frame, a manifest and a summary.
+
+    A video's crops and records are kept only once it is fully processed: a video that fails half
+    way is reported (summary, stderr) and its partial folder removed, and the other videos go on.
+    """
+    import shutil
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from cervl.data.manifest import Record, atomic_write_text, write_manifest
+    from cervl.faces.video import is_video, many_video_faces
+    from cervl.predict import video_name
+
+    if args.input.is_file():
+        videos = [args.input]
+    elif args.input.is_dir():
+        videos = sorted(p for p in args.input.iterdir() if (p.is_file() and is_video(p)) or p.is_dir())
+    else:
+        raise FileNotFoundError(f"input not found: {args.input}")
+    if not videos:
+        raise ValueError(f"no videos or frame folders in {args.input}")
+    names = [video_name(v) for v in videos]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ValueError(f"{args.input}: several inputs would write the same video folder: {clash}")
+    frames_dir = args.out / "frames"
+    records: dict[int, list[Record]] = {i: [] for i in range(len(videos))}
+    counts: dict[int, Counter] = {i: Counter() for i in range(len(videos))}
+    failed: dict[str, str] = {}
+    events = many_video_faces(videos, detector=args.detector, detector_options=_detector_options(args),
+                              workers=args.workers, every=args.every, size=args.size, **_video_options(args))
+    for kind, i, payload in tqdm(events, desc="align videos", unit="chunk"):
+        out = frames_dir / names[i]
+        if kind == "frames":
+            out.mkdir(parents=True, exist_ok=True)
+            for f in payload:
+                counts[i][f.status] += 1
+                if f.crop is None:
+                    continue
+                f.crop.save(out / f"{f.frame:05d}.jpg", quality=95)
+                records[i].append(Record(image=f"frames/{names[i]}/{f.frame:05d}.jpg", label=None,
+                                         label_set=args.label_set, split=args.split, dataset="video",
+                                         id=f"{names[i]}/{f.frame:05d}", landmarks=f.landmarks, bbox=f.box,
+                                         video=names[i], frame=f.frame, variant="aligned", source=str(videos[i])))
+        elif kind == "error":
+            log.error("%s", payload)
+            failed[str(videos[i])] = payload
+            records[i], counts[i] = [], Counter()
+            shutil.rmtree(out, ignore_errors=True)
+    kept = [r for i in range(len(videos)) for r in records[i]]
+    write_manifest(args.out / "manifest.jsonl", kept, root=args.out)
+    per_video = {names[i]: {"frames": sum(counts[i].values()), "crops": len(records[i]), **dict(counts[i])}
+                 for i in range(len(videos)) if str(videos[i]) not in failed}
+    summary = {"videos": len(videos), "crops": len(kept), "failed": failed, "per_video": per_video,
+               "detector": args.detector, "detect_side": args.detect_side, "min_face": args.min_face,
+               "face_search": args.face_search, "every": args.every, **_video_options(args),
+               "workers": args.workers, "size": args.size}
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    lost = sum(v.get("lost", 0) for v in per_video.values())
+    print(f"{len(videos)} videos -> {len(kept)} aligned frames in {frames_dir} ({lost} frames without a face, "
+          f"{len(failed)} videos failed)")
     print(f"manifest: {args.out / 'manifest.jsonl'}")
     return 0
 

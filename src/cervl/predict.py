@@ -474,28 +474,18 @@ def predict_videos(predictor: "Predictor", paths: list, *, detector: str = "mtcn
     or ``(index, error text)`` for a video that cannot be decoded (the others go on).
 
     With ``workers > 1``, decoding, face tracking and alignment run in that many processes (one core
-    and one video each, see :func:`cervl.faces.video.parallel_video_faces`) while this process
-    scores the crops as they arrive, so the model is never waiting on one video's preprocessing.
+    and one video each, see :func:`cervl.faces.video.many_video_faces`) while this process scores
+    the crops as they arrive, so the model is never waiting on one video's preprocessing.
     """
-    from cervl.faces.detect import make_detector
-    from cervl.faces.video import VideoError, parallel_video_faces
+    from cervl.faces.video import many_video_faces
 
-    track = {"every": every, "size": size, "redetect_every": redetect_every, "verify_every": verify_every}
-    finish = {"smoothing": smoothing, "window": window, "sigma": sigma}
-    if workers <= 1 or len(paths) == 1:
-        det = make_detector(detector, **(detector_options or {}))
-        for i, path in enumerate(paths):
-            try:
-                yield i, predict_video(predictor, path, det, batch_size=batch_size, **track, **finish)
-            except (VideoError, ValueError) as e:
-                yield i, str(e)
-        return
     scorers: dict[int, _VideoScorer] = {}
-    bar = tqdm(total=len(paths), unit="video", desc=f"videos ({workers} workers)")
+    bar = tqdm(total=len(paths), unit="video", desc=f"videos ({workers} worker{'s' if workers > 1 else ''})")
     frames = 0
+    events = many_video_faces(paths, detector=detector, detector_options=detector_options, workers=workers,
+                              every=every, size=size, redetect_every=redetect_every, verify_every=verify_every)
     try:
-        for kind, i, payload in parallel_video_faces(paths, detector=detector, detector_options=detector_options,
-                                                     workers=workers, **track):
+        for kind, i, payload in events:
             if kind == "frames":
                 scorer = scorers.setdefault(i, _VideoScorer(predictor, video_name(paths[i]), batch_size))
                 for f in payload:
@@ -510,7 +500,7 @@ def predict_videos(predictor: "Predictor", paths: list, *, detector: str = "mtcn
             elif scorer is None:
                 yield i, f"{paths[i]}: no frames decoded"
             else:
-                yield i, scorer.rows(**finish)
+                yield i, scorer.rows(smoothing, window, sigma)
     finally:
         bar.close()
 

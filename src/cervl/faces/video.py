@@ -130,6 +130,24 @@ def video_faces(path: str | Path, detector: FaceDetector, *, every: int = 1, siz
 # Many videos at once: one process per video, frames streamed back in chunks
 # ----------------------------------------------------------------------------------------------
 
+def _video_events(i: int, path, det: FaceDetector, options: dict, chunk: int) -> Iterator[tuple[str, int, object]]:
+    """One video's events (see :func:`many_video_faces`): chunks of frames, then done or error."""
+    try:
+        buf = []
+        for f in video_faces(path, det, **options):
+            buf.append(f)
+            if len(buf) >= chunk:
+                yield "frames", i, buf
+                buf = []
+        if buf:
+            yield "frames", i, buf
+        yield "done", i, None
+    except (VideoError, ValueError) as e:
+        yield "error", i, str(e)
+    except Exception as e:  # noqa: BLE001 - reported per video, the other videos go on
+        yield "error", i, f"{path}: {type(e).__name__}: {e}"
+
+
 def _video_worker(tasks, results, paths, detector: str, detector_options: dict, options: dict, chunk: int) -> None:
     """Worker process: take video indices from ``tasks`` until None, stream their faces to ``results``."""
     import torch
@@ -140,32 +158,39 @@ def _video_worker(tasks, results, paths, detector: str, detector_options: dict, 
     det = make_detector(detector, **detector_options)
     while (i := tasks.get()) is not None:
         results.put(("start", i, os.getpid()))
-        try:
-            buf = []
-            for f in video_faces(paths[i], det, **options):
-                buf.append(f)
-                if len(buf) >= chunk:
-                    results.put(("frames", i, buf))
-                    buf = []
-            if buf:
-                results.put(("frames", i, buf))
-            results.put(("done", i, None))
-        except (VideoError, ValueError) as e:
-            results.put(("error", i, str(e)))
-        except Exception as e:  # noqa: BLE001 - reported per video, the other videos go on
-            results.put(("error", i, f"{paths[i]}: {type(e).__name__}: {e}"))
+        for event in _video_events(i, paths[i], det, options, chunk):
+            results.put(event)
+
+
+def many_video_faces(paths: list, *, detector: str = "mtcnn", detector_options: dict | None = None,
+                     workers: int = 1, chunk: int = 32, **options) -> Iterator[tuple[str, int, object]]:
+    """:func:`video_faces` for many videos (files or frame folders), as a stream of events.
+
+    ``("frames", i, [FrameFace, ...])``: the next chunk of video ``i``'s frames, in frame order;
+    then ``("done", i, None)`` or ``("error", i, text)`` (discard what a failed video sent). Every
+    video ends with exactly one of the two, and a broken video never stops the others. With
+    ``workers > 1`` the videos run in that many processes and their events interleave
+    (:func:`parallel_video_faces`); with one, in this process, one video after the other.
+    ``options``: ``every``, ``size``, ``redetect_every``, ``verify_every`` of :func:`video_faces`.
+    """
+    from cervl.faces.detect import make_detector
+
+    if workers > 1 and len(paths) > 1:
+        yield from parallel_video_faces(paths, detector=detector, detector_options=detector_options,
+                                        workers=workers, chunk=chunk, **options)
+        return
+    det = make_detector(detector, **(detector_options or {}))
+    for i, path in enumerate(paths):
+        yield from _video_events(i, path, det, options, chunk)
 
 
 def parallel_video_faces(paths: list, *, detector: str = "mtcnn", detector_options: dict | None = None,
                          workers: int = 2, chunk: int = 32, **options) -> Iterator[tuple[str, int, object]]:
-    """:func:`video_faces` for many videos in ``workers`` processes (one core each, spawned).
+    """:func:`many_video_faces` in ``workers`` processes (one core and one video each, spawned).
 
-    Yields events as they arrive, videos interleaved: ``("frames", i, [FrameFace, ...])`` (a chunk
-    of video ``i``'s frames, in frame order), then ``("done", i, None)`` or ``("error", i, text)``
-    (frames already sent for a failed video should be discarded). Every video ends with exactly one
+    Events arrive as the workers produce them, videos interleaved. Every video ends with exactly one
     ``done`` or ``error``, also when a worker process dies. The results queue is bounded, so
     workers wait when the consumer (e.g. the model on a GPU) is slower: memory stays flat.
-    ``options``: ``every``, ``size``, ``redetect_every``, ``verify_every`` of :func:`video_faces`.
     """
     import multiprocessing as mp
     import queue
