@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cervl.cli import _prepare_synth
+from cervl.data.prepare import prepare_synthce as _prepare_synth
 
 
 def cervl(*args):

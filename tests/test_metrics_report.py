@@ -11,7 +11,8 @@ from cervl.labels import COMPOUND, get_label_set
 from cervl.metrics import (abaw_cer_score, accuracy, confusion_matrix, invalid_rate, macro_f1, per_class_accuracy,
                            per_class_f1, reliability, row_normalize, summarize, top_k_accuracy, weighted_f1)
 from cervl.predict import parse_answer
-from cervl.report import ABAW_HEADER, write_abaw_submission, write_comparison, write_report
+from cervl.abaw import ABAW_HEADER, write_abaw_submission
+from cervl.report import write_comparison, write_report
 
 
 # Hand-worked example, 3 classes:

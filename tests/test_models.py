@@ -25,7 +25,7 @@ def _img(seed=0, size=112):
 def test_loss_mask_is_exactly_answer_plus_end_of_turn(tiny):
     model, proc = tiny
     ls, style = get_label_set("rafdb-compound"), get_prompt_style("context")
-    enc = encode_sample(proc, style, ls, _img(), "Sadly Fearful", max_length=4096)
+    enc = encode_sample(proc, prompt_text(proc, style, ls), _img(), "Sadly Fearful", max_length=4096)
     tok = proc.tokenizer
     supervised = [i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE]
     assert tok.decode(supervised) == "Sadly Fearful<|im_end|>"
@@ -44,15 +44,15 @@ def test_too_long_sample_names_it(tiny):
     from cervl.encode import SampleTooLong
 
     with pytest.raises(SampleTooLong, match="train_00042.*max_length=64"):
-        encode_sample(proc, get_prompt_style("context"), get_label_set("cexprdb"), _img(), "Sadly Angry",
+        encode_sample(proc, prompt_text(proc, get_prompt_style("context"), get_label_set("cexprdb")), _img(), "Sadly Angry",
                       max_length=64, sample_name="train_00042")
 
 
 def test_collate_pads_right_and_masks(tiny):
     model, proc = tiny
     ls, style = get_label_set("rafdb-basic"), get_prompt_style("minimal")
-    a = encode_sample(proc, style, ls, _img(0), "Fear", max_length=4096)
-    b = encode_sample(proc, style, ls, _img(1), "Happiness", max_length=4096)
+    a = encode_sample(proc, prompt_text(proc, style, ls), _img(0), "Fear", max_length=4096)
+    b = encode_sample(proc, prompt_text(proc, style, ls), _img(1), "Happiness", max_length=4096)
     batch = collate([a, b], proc.tokenizer.pad_token_id, model.config.image_token_id)
     n = max(len(a.input_ids), len(b.input_ids))
     assert batch["input_ids"].shape == (2, n)
@@ -65,7 +65,7 @@ def test_collate_pads_right_and_masks(tiny):
 def test_every_family_forward_and_save_load_roundtrip(preset, tmp_path):
     model, proc = build_tiny(preset, seed=1)
     ls, style = get_label_set("cexprdb"), get_prompt_style("minimal")
-    enc = encode_sample(proc, style, ls, _img(), "Sadly Angry", max_length=4096)
+    enc = encode_sample(proc, prompt_text(proc, style, ls), _img(), "Sadly Angry", max_length=4096)
     batch = collate([enc], proc.tokenizer.pad_token_id, model.config.image_token_id)
     batch.pop("labels")
     model.eval()
@@ -84,7 +84,7 @@ def test_every_family_forward_and_save_load_roundtrip(preset, tmp_path):
 def test_merge_then_fresh_adapter_keeps_logits(tiny):
     model, proc = build_tiny("tiny-qwen2-vl", seed=2)
     ls, style = get_label_set("rafdb-compound"), get_prompt_style("minimal")
-    enc = encode_sample(proc, style, ls, _img(), "Sadly Angry", max_length=4096)
+    enc = encode_sample(proc, prompt_text(proc, style, ls), _img(), "Sadly Angry", max_length=4096)
     batch = collate([enc], proc.tokenizer.pad_token_id, model.config.image_token_id)
     batch.pop("labels")
     peft_model = apply_lora(model, rank=16, alpha=32, dropout=0.0, target_regex=lora_target_regex())

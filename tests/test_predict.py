@@ -7,7 +7,7 @@ from PIL import Image
 
 from cervl.labels import get_label_set
 from cervl.models import build_tiny
-from cervl.predict import LabelScorer, Predictor, generate_answers, score_labels_bruteforce
+from cervl.predict import Item, LabelScorer, Predictor, generate_answers, score_labels_bruteforce
 from cervl.prompts import get_prompt_style
 
 
@@ -70,9 +70,8 @@ def test_predictor_rows_and_bad_image(tiny, tmp_path):
     bad = tmp_path / "b.jpg"
     bad.write_bytes(b"not an image")
     pred = Predictor(model, proc, "minimal", "rafdb-compound")
-    rows = list(pred.predict([{"id": "a", "image": good, "label": "Sadly Angry"}, {"id": "b", "image": bad}],
-                             progress=False))
+    rows = list(pred.predict([Item("a", good, label="Sadly Angry"), Item("b", bad)], progress=False))
     assert rows[0]["pred"] in get_label_set("rafdb-compound") and abs(sum(rows[0]["probs"].values()) - 1) < 1e-5
     assert rows[1]["pred"] is None and "error" in rows[1]
-    gen = list(pred.predict([{"id": "a", "image": good}], mode="generate", progress=False))
+    gen = list(pred.predict([Item("a", good)], mode="generate", progress=False))
     assert "raw" in gen[0] and (gen[0]["pred"] is None or gen[0]["pred"] in get_label_set("rafdb-compound"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from cervl.models import build_tiny, load_model
-from cervl.train import ASSET_BASE
+from cervl.models import TINY_BASE as ASSET_BASE
 
 
 def _strip(d):

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cervl.cli import _prepare_synth
+from cervl.data.prepare import prepare_synthce as _prepare_synth
 from cervl.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +67,12 @@ def test_two_stage_run_records_lineage_and_reloads(tmp_path, manifests):
     assert meta["prompt"] == "minimal" and meta["label_set"] == "rafdb-compound"
     assert (run / "config.json").is_file() and (run / "stages" / "00-basic" / "metrics.csv").is_file()
     # a fresh process reloads the final model with its prompt and label set and scores like the run did
-    from cervl.train import evaluate, load_run
-    from cervl.config import StageConfig, DataSource
+    from cervl.evaluate import evaluate
+    from cervl.run import load_run
 
     model, proc, meta = load_run(run)
-    st = StageConfig(name="x", data=[DataSource("unused")], label_set=meta["label_set"], prompt=meta["prompt"])
-    ev = evaluate(model, proc, st, str(manifests / "synthce-compound-aligned.jsonl"), ["test"], max_samples=8)
+    ev = evaluate(model, proc, meta.style, meta.labels, str(manifests / "synthce-compound-aligned.jsonl"), ["test"],
+                  max_samples=8)
     saved = json.loads((run / "test_metrics.json").read_text())
     assert ev["confusion"] == saved["confusion"]
     # rerunning the finished recipe retrains nothing
@@ -182,13 +182,13 @@ def test_adapter_save_mode_reloads_by_merging_the_lineage(tmp_path, manifests):
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     assert not (run / "final" / "model.safetensors").exists()  # only cervl.json: the lineage is the model
-    from cervl.config import DataSource, StageConfig
-    from cervl.train import evaluate, load_run
+    from cervl.evaluate import evaluate
+    from cervl.run import load_run
 
     model, proc, meta = load_run(run)
-    assert meta["save"] == "adapter"
-    st = StageConfig(name="x", data=[DataSource("unused")], label_set=meta["label_set"], prompt=meta["prompt"])
-    ev = evaluate(model, proc, st, str(manifests / "synthce-compound-aligned.jsonl"), ["test"], max_samples=8)
+    assert meta.save == "adapter"
+    ev = evaluate(model, proc, meta.style, meta.labels, str(manifests / "synthce-compound-aligned.jsonl"), ["test"],
+                  max_samples=8)
     assert ev["confusion"] == json.loads((run / "test_metrics.json").read_text())["confusion"]
 
 

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from cervl.faces.track import FaceTracker
-from cervl.faces.video import VideoError, read_frames, smooth
+from cervl.faces.video import VideoError, read_frames
+from cervl.predict.video import smooth
 
 cv2 = pytest.importorskip("cv2")
 skimage_data = pytest.importorskip("skimage.data")

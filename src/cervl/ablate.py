@@ -80,7 +80,9 @@ def _slug(text: str) -> str:
 
 def run_ablation(path: str | Path, *, progress: bool = True) -> Path:
     """Run (or resume) every cell; write ``ablation.md/html/json`` and plots; return the markdown path."""
-    from cervl.train import test_report, train
+    from cervl.evaluate import test_report
+    from cervl.predict import Predictor
+    from cervl.train import train
 
     cfg, axes = load_ablation(path)
     out = Path(cfg.output_dir)
@@ -110,11 +112,8 @@ def run_ablation(path: str | Path, *, progress: bool = True) -> Path:
             log.info("cell %s: training in %s (finished stages are reused)", cell_name, run_dir)
             recipe.test.manifest = None  # evaluated below, per cell
             train(recipe, progress=progress)
-            from cervl.train import load_run
-
-            model, processor, _ = load_run(run_dir)
-            recipe.test.manifest = test_manifest
-            metrics = test_report(model, processor, recipe.stages[-1], recipe.test, cell_dir, progress=progress)
+            metrics = test_report(Predictor.from_run(run_dir), test_manifest, recipe.test.splits, cell_dir,
+                                  max_samples=recipe.test.max_samples, progress=progress, title=cell_name)
         results.append({"cell": cell_name, **cell, "run_dir": str(run_dir), "report": str(cell_dir / "report"),
                         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                         "top2_accuracy": metrics.get("top2_accuracy")})

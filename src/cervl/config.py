@@ -7,7 +7,7 @@ key and suggest the closest valid one. Relative manifest paths resolve against t
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +16,13 @@ from typing import Any
 
 import yaml
 
+from cervl.errors import InvalidInput, UserError
+from cervl.labels import LabelSet, get_label_set
+from cervl.prompts import PromptStyle, get_prompt_style
+from cervl.registry import suggest
 
-class ConfigError(ValueError):
+
+class ConfigError(InvalidInput):
     """A bad config key or value; the message names the key path."""
 
 
@@ -71,6 +76,10 @@ class StageConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     eval: EvalSpec = field(default_factory=EvalSpec)
+    # Resolved once by validate() from label_set and prompt: the objects training, evaluation and
+    # saving use, so no consumer looks a name up again. Not part of the YAML or of config.json.
+    labels: LabelSet = field(default=None, init=False, repr=False, compare=False)
+    style: PromptStyle = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -78,7 +87,7 @@ class ModelSpec:
     """``name``: a tiny preset (``tiny-qwen2-vl``...), a hub id, or a local folder."""
 
     name: str = "tiny-qwen2-vl"
-    dtype: str = "fp32"
+    dtype: str | None = None  # bf16 | fp16 | fp32; default: bf16 on a GPU, fp32 on the CPU
     attn_implementation: str | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -108,6 +117,12 @@ class RunConfig:
     # Prepare the next step's batches in a background thread. None = auto: on with a GPU; off on CPU, where
     # the thread competes with the training threads (measured 34 vs 46-52 samples/s on 2 cores).
     prefetch: bool | None = None
+    # Drop training/eval images that fail the pre-flight check (listed in RUN/bad_samples.jsonl) instead
+    # of stopping before step 0 with the list of bad files.
+    skip_bad: bool = False
+    # A non-finite loss or gradient: "stop" (an error naming stage, step and lr; the last checkpoint
+    # stays valid) or "skip_step" (drop that step's update, count it, go on).
+    nan_policy: str = "stop"
     test: TestSpec = field(default_factory=TestSpec)
 
 
@@ -128,15 +143,16 @@ def build(cls, data: Any, path: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in names:
-            hint = difflib.get_close_matches(str(key), sorted(names), n=1)
             where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"unknown key '{where}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
+            raise ConfigError(f"unknown key '{where}'" + suggest(str(key), names)
                               + f" (valid keys: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
         where = f"{path}.{f.name}" if path else f.name
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -178,8 +194,15 @@ def _convert(tp, value, where):
     raise ConfigError(f"'{where}' expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg):
+    """Plain data of a config (what YAML and config.json hold): resolved objects are left out."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +214,11 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key=value")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:  # malformed ("[1,"), or a tag such as !!python/object that safe_load refuses
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({first})") from None
     parts = key.strip().split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
@@ -244,14 +271,11 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
 
 
 def validate(cfg: RunConfig, source: Path | str = "config") -> None:
-    """Check values that types alone cannot (choices, label sets, prompt styles, stage names)."""
-    from cervl.labels import get_label_set
-    from cervl.prompts import get_prompt_style
-
+    """Check values that types alone cannot, before anything is loaded or written; resolve each stage's
+    label set and prompt style into ``stage.labels`` / ``stage.style``."""
     if not cfg.stages:
         raise ConfigError(f"{source}: 'stages' is empty")
-    if cfg.save not in ("merged", "adapter"):
-        raise ConfigError(f"{source}: 'save' must be merged or adapter, got {cfg.save!r}")
+    _check_run_values(cfg, source)
     names = set()
     for i, st in enumerate(cfg.stages):
         where = f"{source}: stages[{i}] ({st.name})"
@@ -266,13 +290,49 @@ def validate(cfg: RunConfig, source: Path | str = "config") -> None:
             if value not in choices:
                 raise ConfigError(f"{where}: '{key}' must be one of {choices}, got {value!r}")
         try:
-            get_label_set(st.label_set)
-            get_prompt_style(st.prompt)
-        except KeyError as e:
-            raise ConfigError(f"{where}: {e.args[0]}") from None
+            st.labels, st.style = get_label_set(st.label_set), get_prompt_style(st.prompt)
+        except UserError as e:
+            raise ConfigError(f"{where}: {e}") from None
         if not st.data:
             raise ConfigError(f"{where}: 'data' lists no manifests")
-        if st.batch_size < 1 or st.grad_accum < 1 or st.lr <= 0 or (st.epochs <= 0 and st.max_steps <= 0):
-            raise ConfigError(f"{where}: batch_size, grad_accum, lr and epochs/max_steps must be positive")
-        if st.method == "lora" and st.lora.rank < 1:
-            raise ConfigError(f"{where}: 'lora.rank' must be >= 1")
+        _check_stage_values(st, where)
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def _check_run_values(cfg: RunConfig, source) -> None:
+    where = str(source)
+    _check(cfg.save in ("merged", "adapter"), where, f"'save' must be merged or adapter, got {cfg.save!r}")
+    _check(cfg.model.dtype in (None, "bf16", "fp16", "fp32"), where,
+           f"'model.dtype' must be bf16, fp16 or fp32, got {cfg.model.dtype!r}")
+    _check(cfg.log_every >= 1, where, f"'log_every' must be >= 1, got {cfg.log_every}")
+    _check(cfg.checkpoint_every >= 0, where, f"'checkpoint_every' must be >= 0 (0: no checkpoints), got "
+           f"{cfg.checkpoint_every}")
+    _check(cfg.max_length >= 1, where, f"'max_length' must be >= 1, got {cfg.max_length}")
+    _check(cfg.nan_policy in ("stop", "skip_step"), where, f"'nan_policy' must be stop or skip_step, got "
+           f"{cfg.nan_policy!r}")
+    _check(cfg.test.max_samples >= 0, where, "'test.max_samples' must be >= 0")
+
+
+def _check_stage_values(st: StageConfig, where: str) -> None:
+    _check(st.batch_size >= 1 and st.grad_accum >= 1, where, "'batch_size' and 'grad_accum' must be >= 1")
+    _check(_finite(st.lr) and st.lr > 0, where, f"'lr' must be a finite number > 0, got {st.lr}")
+    _check(_finite(st.epochs) and st.max_steps >= 0 and (st.epochs > 0 or st.max_steps > 0), where,
+           f"'epochs' must be finite and > 0 (or max_steps > 0), got epochs={st.epochs}, max_steps={st.max_steps}")
+    _check(st.warmup_steps >= 0, where, "'warmup_steps' must be >= 0")
+    _check(_finite(st.weight_decay) and st.weight_decay >= 0, where, "'weight_decay' must be finite and >= 0")
+    _check(_finite(st.max_grad_norm) and st.max_grad_norm >= 0, where, "'max_grad_norm' must be finite and >= 0")
+    _check(st.eval.every >= 0 and st.eval.max_samples >= 0, where, "'eval.every' and 'eval.max_samples' must be >= 0")
+    for j, src in enumerate(st.data):
+        _check(_finite(src.weight) and src.weight > 0, where, f"'data[{j}].weight' must be finite and > 0")
+    if st.method == "lora":
+        _check(st.lora.rank >= 1, where, "'lora.rank' must be >= 1")
+        _check(_finite(st.lora.alpha) and st.lora.alpha > 0, where, "'lora.alpha' must be finite and > 0")
+        _check(0 <= st.lora.dropout < 1, where, "'lora.dropout' must be in [0, 1)")

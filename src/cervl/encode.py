@@ -8,11 +8,11 @@ across it. Samples are never truncated: one longer than ``max_length`` is an err
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from PIL import Image
 
+from cervl.errors import InvalidInput
 from cervl.labels import LabelSet
 from cervl.prompts import PromptStyle
 
@@ -27,21 +27,18 @@ class Encoded:
     image_grid_thw: torch.Tensor  # (1, 3)
 
 
-class SampleTooLong(ValueError):
-    pass
+class SampleTooLong(InvalidInput):
+    """A sample longer than ``max_length`` (samples are never truncated)."""
 
 
 def prompt_text(processor, style: PromptStyle, label_set: LabelSet) -> str:
-    """The chat-formatted prompt (ending with the assistant turn header) for a style and label set."""
-    return _prompt_text(id(processor.tokenizer), processor.tokenizer, style.name, label_set)
+    """The chat-formatted prompt (ending with the assistant turn header) for a style and label set.
 
-
-@lru_cache(maxsize=64)
-def _prompt_text(_tok_id, tokenizer, style_name, label_set):
-    from cervl.prompts import get_prompt_style
-
-    msgs = get_prompt_style(style_name).messages(label_set)
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    Rendering the chat template costs milliseconds: callers render it once (per stage, per scorer)
+    and pass the text on.
+    """
+    return processor.tokenizer.apply_chat_template(style.messages(label_set), tokenize=False,
+                                                   add_generation_prompt=True)
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -58,10 +55,11 @@ def encode_prompt(processor, text: str, image: Image.Image) -> tuple[list[int], 
     return out["input_ids"][0].tolist(), out["pixel_values"], out["image_grid_thw"]
 
 
-def encode_sample(processor, style: PromptStyle, label_set: LabelSet, image: Image.Image, answer: str | None,
-                  *, max_length: int, sample_name: str = "sample") -> Encoded:
-    """Encode one training/eval sample; labels are IGNORE everywhere except answer + end-of-turn."""
-    ids, pixels, grid = encode_prompt(processor, prompt_text(processor, style, label_set), image)
+def encode_sample(processor, prompt: str, image: Image.Image, answer: str | None, *, max_length: int,
+                  sample_name: str = "sample") -> Encoded:
+    """Encode one training/eval sample (``prompt`` from :func:`prompt_text`); labels are IGNORE
+    everywhere except answer + end-of-turn."""
+    ids, pixels, grid = encode_prompt(processor, prompt, image)
     labels = [IGNORE] * len(ids)
     if answer is not None:
         ans = answer_ids(processor.tokenizer, answer)

@@ -17,6 +17,9 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from cervl.errors import UnknownName
+from cervl.registry import lookup
+
 # Basic emotions (the six of Ekman plus Neutral), then the two extra classes some datasets use.
 BASIC: tuple[str, ...] = ("Neutral", "Happiness", "Sadness", "Surprise", "Fear", "Disgust", "Anger")
 EXTRA_BASIC: tuple[str, ...] = ("Contempt", "Other")
@@ -155,7 +158,7 @@ class LabelSet:
         try:
             return self.id_to_name[int(label_id)]
         except KeyError:
-            raise KeyError(f"unknown label id {label_id} for label set {self.name!r} (valid: {list(self.ids)})") from None
+            raise UnknownName(f"unknown label id {label_id} for label set {self.name!r} (valid: {list(self.ids)})") from None
 
     def resolve(self, text: str) -> str:
         """Tolerant free text -> a canonical class of *this* set; raises ``KeyError`` otherwise."""
@@ -163,7 +166,7 @@ class LabelSet:
         if name is None or name not in self:
             hint = difflib.get_close_matches(normalize_name(text), [normalize_name(c) for c in self.classes], n=1)
             suggestion = f"; did you mean {_NORMALIZED[hint[0]]!r}?" if hint else ""
-            raise KeyError(f"{text!r} is not a class of label set {self.name!r} {list(self.classes)}{suggestion}")
+            raise UnknownName(f"{text!r} is not a class of label set {self.name!r} {list(self.classes)}{suggestion}")
         return name
 
 
@@ -202,17 +205,12 @@ LABEL_SETS: dict[str, LabelSet] = {
 
 def get_label_set(name: str) -> LabelSet:
     """Return the named :class:`LabelSet` (tolerant of case, ``_`` and ``-``)."""
-    key = normalize_name(name).replace(" ", "-")
-    if key in LABEL_SETS:
-        return LABEL_SETS[key]
-    hint = difflib.get_close_matches(key, LABEL_SETS, n=1)
-    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-    raise KeyError(f"unknown label set {name!r} (available: {sorted(LABEL_SETS)}){suggestion}")
+    return lookup(LABEL_SETS, name, "label set", normalize=lambda n: normalize_name(n).replace(" ", "-"))
 
 
 def label_set_containing(names: set[str]) -> LabelSet:
     """The smallest registered label set that contains every canonical name in ``names``."""
     candidates = [s for s in LABEL_SETS.values() if names <= set(s.classes)]
     if not candidates:
-        raise KeyError(f"no label set contains all of {sorted(names)}; pass --label-set explicitly")
+        raise UnknownName(f"no label set contains all of {sorted(names)}; pass --label-set explicitly")
     return min(candidates, key=len)

@@ -18,7 +18,6 @@ without torchvision; with torchvision installed the stock processor is used.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -27,6 +26,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from cervl.errors import InputNotFound, InvalidInput
+from cervl.registry import lookup
+
+# The tiny pretrained base that ships inside the package (``cervl pretrain-tiny`` rebuilds it).
+TINY_BASE = Path(__file__).parent / "assets" / "tiny-base"
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +79,8 @@ FAMILIES: dict[str, Family] = {
 
 
 def get_family(model_type: str) -> Family:
-    try:
-        return FAMILIES[model_type]
-    except KeyError:
-        raise KeyError(f"unsupported model_type {model_type!r}; cervl supports {sorted(FAMILIES)}") from None
+    """The Qwen-VL family for a config's ``model_type``."""
+    return lookup(FAMILIES, model_type, "model_type (cervl supports Qwen-VL families only)")
 
 
 def _transformers_attr(name: str):
@@ -227,15 +230,12 @@ def build_tiny(preset: str, *, tokenizer_path: str | os.PathLike | None = None, 
     ``tokenizer_path`` takes a real tokenizer (e.g. ``../shared/qwen2-vl-tokenizer``) instead of the
     in-process one; the vocabulary then grows to fit it.
     """
-    try:
-        spec = TINY_PRESETS[preset]
-    except KeyError:
-        raise KeyError(f"unknown tiny preset {preset!r} (available: {sorted(TINY_PRESETS)})") from None
+    spec = lookup(TINY_PRESETS, preset, "tiny preset")
     if spec_overrides or image_size:
         spec = TinySpec(**{**asdict(spec), **spec_overrides, **({"image_size": image_size} if image_size else {})})
     family = get_family(spec.model_type)
     if tokenizer_path:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)
         tokenizer.padding_side = "left"
     else:
         tokenizer = train_tokenizer(tokenizer_corpus(), spec.vocab_size)
@@ -264,10 +264,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
+    return lookup(DTYPES, name, "dtype")
+
+
+def default_dtype() -> str:
+    """bf16 on a GPU, fp32 on the CPU: the one default of every loader."""
+    return "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def default_attn_implementation() -> str:
@@ -277,7 +279,7 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: str = "bf16", attn_implementation: str | None = None,
+def load_model(name_or_path: str | os.PathLike, *, dtype: str | None = None, attn_implementation: str | None = None,
                min_pixels: int | None = None, max_pixels: int | None = None, device_map=None):
     """Load a Qwen-VL model and its processor from a hub id or local folder (safetensors only).
 
@@ -285,20 +287,24 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "bf16", attn_imp
     budget and are saved with the processor so training and inference use the same values.
     """
     if str(name_or_path) in TINY_PRESETS:
-        raise ValueError(f"{name_or_path!r} is a tiny preset: build it with build_tiny()")
+        raise InvalidInput(f"{name_or_path!r} is a tiny preset: build it with build_tiny()")
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except ValueError as e:  # an unknown model_type (or auto_map custom code): never run remote code
+        raise InvalidInput(f"cannot load model {str(name_or_path)!r}: {str(e).splitlines()[0]} "
+                           f"(cervl loads Qwen-VL families only, with trust_remote_code=False)") from None
     except OSError as e:  # no such folder, and the hub id cannot be fetched (offline, typo, gated)
-        raise FileNotFoundError(f"cannot load model {str(name_or_path)!r}: not a local folder with config.json and "
+        raise InputNotFound(f"cannot load model {str(name_or_path)!r}: not a local folder with config.json and "
                                 f"not fetchable from the Hugging Face hub ({str(e).splitlines()[0]})") from None
     family = get_family(config.model_type)
     model_cls = _transformers_attr(family.model_class)
-    model = model_cls.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), use_safetensors=True,
+    model = model_cls.from_pretrained(name_or_path, dtype=resolve_dtype(dtype or default_dtype()), use_safetensors=True,
+                                      trust_remote_code=False,
                                       attn_implementation=attn_implementation or default_attn_implementation(),
                                       device_map=device_map)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     tokenizer.padding_side = "left"
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path, trust_remote_code=False)
     if min_pixels is not None or max_pixels is not None:
         size = dict(image_processor.size)
         if min_pixels is not None:
@@ -310,7 +316,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "bf16", attn_imp
         processor_cls = _transformers_attr(family.processor_class)
         from transformers import AutoVideoProcessor
 
-        processor = processor_cls(image_processor, tokenizer, AutoVideoProcessor.from_pretrained(name_or_path),
+        processor = processor_cls(image_processor, tokenizer,
+                                  AutoVideoProcessor.from_pretrained(name_or_path, trust_remote_code=False),
                                   chat_template=tokenizer.chat_template)
     else:
         processor = make_processor(family, image_processor, tokenizer)
@@ -357,7 +364,10 @@ def merge_lora(model):
     return model.merge_and_unload()
 
 
-def write_json(path: Path, data) -> None:
-    from cervl.data.manifest import atomic_write_text
 
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+def assert_finite_weights(model, what: str) -> None:
+    """Refuse to save a model with NaN/inf weights (a diverged run must not become a usable model)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise InvalidInput(f"{what} has {len(bad)} non-finite weight tensors (e.g. {bad[0]}); it is not saved")

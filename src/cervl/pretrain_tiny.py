@@ -12,14 +12,17 @@ phases on a SynthCE set of its own (seed 1000, disjoint from the demo's data):
    lips parted, ...") with the ``au-caption`` prompt (``configs/pretrain-tiny.yaml``), so the
    language model learns to read the image tokens.
 
-The result (safetensors + tokenizer + processor, a few MB) is written to ``cervl/assets/tiny-base``.
+The result (safetensors + tokenizer + processor, a few MB) is written to ``--out`` (default
+``runs/pretrain-tiny/tiny-base``); the package ships its copy in ``cervl/assets/tiny-base``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,11 +30,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cervl.config import load_config
+from cervl.data.images import load_rgb
 from cervl.data.mixture import load_samples
+from cervl.data.prepare import prepare_synthce
+from cervl.errors import InvalidInput
 from cervl.facs import AU_IDS, au_key
 from cervl.labels import get_label_set
 from cervl.models import build_tiny, save_model
-from cervl.predict import load_rgb
+from cervl.run import claim_run_dir
+from cervl.train import train
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +84,14 @@ def vision_warmup(manifests: list[Path], out: Path, *, steps: int = 400, batch_s
 def pretrain_tiny(config_path: Path, overrides: list[str], *, per_class: int, out: Path, workers: int,
                   warmup_steps: int, progress: bool = True) -> Path:
     """Generate data, run both phases, and install the result at ``out``."""
-    from cervl.cli import _prepare_synth
-    from cervl.config import load_config
-    from cervl.train import train
-
     t0 = time.perf_counter()
+    out = Path(out)
+    check_output(out)  # before hours of work, not after
     cfg = load_config(config_path, overrides)
     manifests = Path(cfg.stages[0].data[0].manifest).parent
-    _prepare_synth(manifests / "synthce", manifests, per_class=per_class, seed=1000, prefix="", val_fraction=0.05,
-                   workers=workers)
+    prepare_synthce(manifests / "synthce", manifests, per_class=per_class, seed=1000, prefix="", val_fraction=0.05,
+                    workers=workers)
+    claim_run_dir(Path(cfg.output_dir))  # the warm-up writes into the run folder before training does
     warm_dir = Path(cfg.output_dir) / "vision-warmup"
     if not (warm_dir / "model.safetensors").is_file():
         info = vision_warmup([manifests / "basic-aligned.jsonl", manifests / "compound-aligned.jsonl"], warm_dir,
@@ -93,8 +100,9 @@ def pretrain_tiny(config_path: Path, overrides: list[str], *, per_class: int, ou
     cfg.model.name = str(warm_dir)
     result = train(cfg, progress=progress)
     final = Path(result["run_dir"]) / "final"
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # ours alone: safe to remove
+    tmp = scratch / "new"
     shutil.copytree(final, tmp, ignore=shutil.ignore_patterns("cervl.json"))
     metrics = sorted((Path(result["run_dir"]) / "stages").glob("*/metrics.csv"))
     try:
@@ -105,7 +113,32 @@ def pretrain_tiny(config_path: Path, overrides: list[str], *, per_class: int, ou
                   "per_class": per_class, "synth_seed": 1000, "vision_warmup_steps": warmup_steps,
                   "minutes": round((time.perf_counter() - t0) / 60, 1),
                   "caption_metrics_last_row": [p.read_text().splitlines()[-1] for p in metrics]}
-    (tmp / "pretrain.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    replace_folder(tmp, out, scratch)
     return out
+
+
+PROVENANCE = "pretrain.json"
+
+
+def check_output(out: Path) -> None:
+    """``out`` must be new, empty, or a tiny base this command wrote (it is replaced as a whole)."""
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            ours = json.loads((out / PROVENANCE).read_text()).get("command", "").startswith("cervl pretrain-tiny")
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise InvalidInput(f"--out {out} is not empty and is not a tiny base written by cervl pretrain-tiny "
+                               f"(no {PROVENANCE}); cervl replaces that folder, so choose a new or empty one")
+
+
+def replace_folder(new: Path, out: Path, scratch: Path) -> None:
+    """Swap the complete folder ``new`` in for ``out`` by renames through ``scratch`` (a folder this
+    command created), so a kill leaves one complete copy and nothing of anyone else's is removed."""
+    if out.exists():
+        os.replace(out, scratch / "old")
+    os.replace(new, out)
+    shutil.rmtree(scratch, ignore_errors=True)

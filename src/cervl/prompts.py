@@ -8,10 +8,10 @@ token prefix whose KV cache can be reused at inference.
 
 from __future__ import annotations
 
-import difflib
 
 from cervl.facs import AUS, PROTOTYPES, describe_aus
 from cervl.labels import LabelSet, components, is_compound
+from cervl.registry import lookup
 
 IMAGE = {"type": "image"}
 
@@ -115,9 +115,5 @@ PROMPT_STYLES: dict[str, PromptStyle] = {s.name: s for s in (MinimalPrompt(), Co
 
 
 def get_prompt_style(name: str) -> PromptStyle:
-    try:
-        return PROMPT_STYLES[name]
-    except KeyError:
-        hint = difflib.get_close_matches(name, PROMPT_STYLES, n=1)
-        raise KeyError(f"unknown prompt style {name!r} (available: {sorted(PROMPT_STYLES)})"
-                       + (f"; did you mean {hint[0]!r}?" if hint else "")) from None
+    """The registered :class:`PromptStyle` called ``name``."""
+    return lookup(PROMPT_STYLES, name, "prompt style")

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cervl.data.manifest import atomic_write_text  # noqa: E402
+from cervl.errors import InvalidInput  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -152,7 +153,7 @@ def write_comparison(reports: list[str | Path], out: str | Path, names: list[str
     classes = loaded[0]["classes"]
     for n, m in zip(names, loaded):
         if m["classes"] != classes:
-            raise ValueError(f"report {n!r} has classes {m['classes']}, not {classes}: cannot compare")
+            raise InvalidInput(f"report {n!r} has classes {m['classes']}, not {classes}: cannot compare")
     keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "invalid_rate", "top2_accuracy") if k in loaded[0]]
     overall = _md_table(["metric"] + names + ([f"Δ {n}" for n in names[1:]]),
                         [[k] + [m.get(k) for m in loaded] + [_delta(m.get(k), loaded[0].get(k)) for m in loaded[1:]]
@@ -190,7 +191,7 @@ def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | 
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     name = label_set or meta.get("label_set")
     if not name:
-        raise ValueError(f"{path}: no {meta_path.name}; pass --label-set")
+        raise InvalidInput(f"{path}: no {meta_path.name}; pass --label-set")
     ls = get_label_set(name)
     rows = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -199,13 +200,13 @@ def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | 
         try:
             rows.append(json.loads(line))
         except ValueError:
-            raise ValueError(f"{path}:{lineno}: malformed JSON line") from None
+            raise InvalidInput(f"{path}:{lineno}: malformed JSON line") from None
     labelled = [r for r in rows if r.get("label") is not None]
     if not labelled:
-        raise ValueError(f"{path}: no predictions with a true label; nothing to evaluate")
+        raise InvalidInput(f"{path}: no predictions with a true label; nothing to evaluate")
     for r in labelled:
         if r["label"] not in ls:
-            raise ValueError(f"{path}: sample {r['id']!r} has label {r['label']!r}, not in {ls.name!r}")
+            raise InvalidInput(f"{path}: sample {r['id']!r} has label {r['label']!r}, not in {ls.name!r}")
     y_true = np.array([ls.index_of[r["label"]] for r in labelled])
     y_pred = np.array([ls.index_of[r["pred"]] if r.get("pred") in ls else -1 for r in labelled])
     probs = None
@@ -217,28 +218,3 @@ def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | 
                         extra={"predictions": str(path), **meta})
     metrics["report"] = str(html)
     return metrics
-
-
-ABAW_HEADER = ("image_location,Fearfully_Surprised,Happily_Surprised,Sadly_Surprised,Disgustedly_Surprised,"
-               "Angrily_Surprised,Sadly_Fearful,Sadly_Angry")
-
-
-def write_abaw_submission(rows: list[dict], path: str | Path) -> Path:
-    """The official ABAW compound-expression submission file.
-
-    ``rows`` carry ``video``, ``frame`` (1-based) and ``pred`` (a C-EXPR-DB class name). Lines are
-    ``<video>/<frame:05d>.jpg,<index 0-6>`` sorted by video and frame, after the official header.
-    """
-    from cervl.labels import get_label_set
-
-    ls = get_label_set("cexprdb")
-    lines = [ABAW_HEADER]
-    for r in sorted(rows, key=lambda r: (str(r["video"]), int(r["frame"]))):
-        if r.get("pred") not in ls:
-            raise ValueError(f"frame {r.get('video')}/{r.get('frame')}: prediction {r.get('pred')!r} is not a "
-                             f"C-EXPR-DB class; the submission needs one of {list(ls.classes)}")
-        if int(r["frame"]) < 1:
-            raise ValueError(f"frame numbers are 1-based; got {r['frame']} for video {r['video']}")
-        lines.append(f"{r['video']}/{int(r['frame']):05d}.jpg,{ls.index_of[r['pred']]}")
-    atomic_write_text(Path(path), "\n".join(lines) + "\n")
-    return Path(path)

@@ -4,15 +4,17 @@ A recipe is a list of stages (see :mod:`cervl.config`). Between LoRA stages the 
 is merged into the weights and a fresh adapter with the new stage's rank starts (the paper's
 r=16 -> r=8). Each stage writes ``stages/NN-name/`` with its adapter (or full weights), metrics
 and a ``DONE.json`` marker; a finished stage is never retrained, and an interrupted one resumes
-from its last atomic checkpoint. The run directory holds the resolved config, the lineage and,
-in ``final/``, a model that :func:`load_run` (and ``cervl predict``) can use without the command.
+from its last atomic checkpoint. The run folder's format belongs to :mod:`cervl.run`.
 
-Reads top to bottom: :func:`train` = setup, stages, final save, held-out evaluation.
+Reads top to bottom: :func:`train` = checks, setup, stages, final save, held-out evaluation;
+:class:`StageTrainer` = one stage's setup, steps, evaluation/checkpoints, save and merge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import math
@@ -20,27 +22,30 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from cervl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from cervl.config import RunConfig, StageConfig, to_dict
-from cervl.data.mixture import DataError, Mixture, load_samples
-from cervl.encode import IGNORE, collate, encode_sample
-from cervl.labels import get_label_set
-from cervl.models import (TINY_PRESETS, apply_lora, build_tiny, load_model, lora_target_regex, merge_lora,
-                          save_model, write_json)
-from cervl.predict import load_rgb, score_labels
-from cervl.prompts import get_prompt_style
+from cervl.data.mixture import Mixture, Sample, load_samples
+from cervl.data.images import check_images, load_rgb
+from cervl.encode import IGNORE, collate, encode_sample, prompt_text
+from cervl.errors import UserError
+from cervl.evaluate import evaluate, test_report
+from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build_tiny, default_attn_implementation,
+                          load_model, lora_target_regex, merge_lora, save_model)
+from cervl.predict.predictor import Predictor
+from cervl.run import (EXTRA, RunLock, RunMeta, apply_stage, base_entry, base_weights, check_config, claim_run_dir,
+                       relative, save_final, stage_dir, write_json)
 
 log = logging.getLogger(__name__)
 
-ASSET_BASE = Path(__file__).parent / "assets" / "tiny-base"
-RUN_META = "cervl.json"
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient (with ``nan_policy: stop``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,25 +56,37 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
     """Run every stage of ``cfg`` (resuming finished/interrupted work), then evaluate on the test split."""
     from accelerate import Accelerator
 
-    # --- setup: the run directory is the unit of resumption; refuse to mix two different recipes in it.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     run_dir = Path(cfg.output_dir)
-    _check_run_dir(run_dir, cfg, accelerator)
-    _check_data(cfg)  # fail before any model is built if a manifest, split or label is wrong
+    # --- checks: everything a user can get wrong fails here, before a model loads or a file is written.
+    bad = check_data(cfg, progress=progress and accelerator.is_main_process)
+    if accelerator.is_main_process:
+        claim_run_dir(run_dir)
+    lock = RunLock(run_dir) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        if accelerator.is_main_process:
+            check_config(run_dir, to_dict(cfg))
+            if bad:
+                write_json(run_dir / "bad_samples.json", sorted(bad.items()))
+        accelerator.wait_for_everyone()
+        return _train_locked(cfg, run_dir, accelerator, set(bad), progress)
+
+
+def _train_locked(cfg: RunConfig, run_dir: Path, accelerator, bad: set, progress: bool) -> dict:
+    # --- setup: the base weights (tiny presets are built once and saved in the run, so resume is exact).
     model, processor, base_info = load_base(cfg, run_dir, accelerator)
 
     # --- stages: each one starts from the merged result of the previous ones.
-    lineage = [base_info]
-    stage_metrics = {}
+    lineage, stage_metrics = [base_info], {}
     for index, stage in enumerate(cfg.stages):
-        stage_dir = run_dir / "stages" / f"{index:02d}-{stage.name}"
-        done = stage_dir / "DONE.json"
-        if done.is_file():
-            info = json.loads(done.read_text())
-            log.info("stage %s already finished; reusing %s", stage.name, stage_dir)
-            model = _restore_finished_stage(model, stage, stage_dir)
+        sdir = stage_dir(run_dir, index, stage.name)
+        if (sdir / "DONE.json").is_file():
+            info = json.loads((sdir / "DONE.json").read_text())
+            log.info("stage %s already finished; reusing %s", stage.name, sdir)
+            model = apply_stage(model, info, run_dir)
         else:
-            model, info = run_stage(model, processor, cfg, index, stage, stage_dir, accelerator, progress=progress)
+            trainer = StageTrainer(model, processor, cfg, index, stage, run_dir, accelerator, bad, progress=progress)
+            model, info = trainer.run()
         lineage.append(info)
         stage_metrics[stage.name] = info.get("final_eval")
         if accelerator.is_main_process:
@@ -77,114 +94,98 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
 
     # --- final save: merged weights (default) or the last adapter on top of the merged earlier stages.
     last = cfg.stages[-1]
+    meta = RunMeta(prompt=last.style.name, label_set=last.labels.name, lineage=lineage, save=cfg.save,
+                   max_length=cfg.max_length, model=to_dict(cfg.model))
     if accelerator.is_main_process:
-        save_final(model, processor, cfg, run_dir, lineage)
+        assert_finite_weights(model, "the final model")
+        save_final(model, processor, meta, run_dir)
     accelerator.wait_for_everyone()
 
     # --- held-out evaluation with the last stage's prompt and label set: predictions + report.
     result = {"run_dir": str(run_dir), "stages": stage_metrics}
     if cfg.test.manifest and accelerator.is_main_process:
-        result["test"] = test_report(model, processor, last, cfg.test, run_dir / "eval", progress=progress)
+        predictor = Predictor(model, processor, last.style, last.labels)
+        result["test"] = test_report(predictor, cfg.test.manifest, cfg.test.splits, run_dir / "eval",
+                                     max_samples=cfg.test.max_samples, progress=progress,
+                                     title=f"{last.name}: {Path(cfg.test.manifest).name} {'+'.join(cfg.test.splits)}")
         write_json(run_dir / "test_metrics.json", result["test"])
     return result
 
 
-def test_report(model, processor, stage: StageConfig, test, out_dir: Path, *, progress: bool = True) -> dict:
-    """Score the test split, write ``test_predictions.jsonl`` and the report folder; return the metrics."""
-    from cervl.data.manifest import atomic_write_text
-    from cervl.predict import Predictor
-    from cervl.report import evaluate_predictions
+def check_data(cfg: RunConfig, *, progress: bool = False) -> dict[str, str]:
+    """Check every manifest, split and label, then every image training reads; return the bad ones.
 
-    label_set = get_label_set(stage.label_set)
-    samples = load_samples(test.manifest, test.splits, label_set)
-    if test.max_samples and len(samples) > test.max_samples:
-        idx = np.random.default_rng(0).choice(len(samples), test.max_samples, replace=False)
-        samples = [samples[i] for i in sorted(idx)]
-    items = [{"id": s.record.sample_id, "image": s.path, "label": s.record.label, "video": s.record.video,
-              "frame": s.record.frame} for s in samples]
-    predictor = Predictor(model, processor, stage.prompt, label_set)
-    rows = list(predictor.predict(items, mode="score", progress=progress))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pred_path = out_dir / "test_predictions.jsonl"
-    atomic_write_text(pred_path, "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_text(Path(str(pred_path) + ".meta.json"), json.dumps(
-        {"mode": "score", "normalize": "sum", "label_set": label_set.name, "prompt": stage.prompt,
-         "manifest": str(test.manifest), "splits": test.splits}, indent=2) + "\n")
-    metrics = evaluate_predictions(pred_path, out_dir / "report", title=f"{stage.name}: {Path(test.manifest).name} "
-                                   f"{'+'.join(test.splits)}")
-    return {"label_set": label_set.name, "predictions": str(pred_path), **metrics}
-
-
-# ----------------------------------------------------------------------------------------------
-# Setup helpers
-# ----------------------------------------------------------------------------------------------
-
-def _check_run_dir(run_dir: Path, cfg: RunConfig, accelerator) -> None:
-    saved = run_dir / "config.json"
-    current = to_dict(cfg)
-    if saved.is_file():
-        previous = json.loads(saved.read_text())
-        if previous.get("stages") != json.loads(json.dumps(current["stages"])) or previous.get("model") != current["model"]:
-            raise ValueError(f"{run_dir} holds a run with a different model or stages; choose another "
-                             f"output_dir (override: output_dir=...) or delete it")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(saved, current)
-
-
-def _check_data(cfg: RunConfig) -> None:
+    All bad images are reported at once. With ``skip_bad`` they are returned (path -> reason) and
+    the stages leave them out; without it, the first check that fails raises.
+    """
+    paths: dict[Path, str] = {}
     for stage in cfg.stages:
-        label_set, style = get_label_set(stage.label_set), get_prompt_style(stage.prompt)
-        for src in stage.data:
-            load_samples(src.manifest, src.splits, label_set, need_aus=style.answers_with == "aus")
+        for sample in stage_samples(stage, bad=set()):
+            paths.setdefault(sample.path, sample.name)
         if stage.eval.manifest:
-            load_samples(stage.eval.manifest, stage.eval.splits, label_set)
+            for sample in load_samples(stage.eval.manifest, stage.eval.splits, stage.labels):
+                paths.setdefault(sample.path, sample.name)
+    if cfg.test.manifest:
+        load_samples(cfg.test.manifest, cfg.test.splits, cfg.stages[-1].labels)  # images: error rows at test time
+    bad = check_images(list(paths), progress=progress)
+    if bad and not cfg.skip_bad:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in list(bad.items())[:50])
+        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+        raise UserError(f"{len(bad)} of {len(paths)} training/eval images cannot be used:\n{listing}{more}\n"
+                        f"fix or remove them, or set skip_bad=true to train without them")
+    if bad:
+        log.warning("skip_bad: leaving out %d of %d images (listed in bad_samples.json)", len(bad), len(paths))
+    return {str(p): r for p, r in bad.items()}
+
+
+def stage_samples(stage: StageConfig, bad: set) -> list[Sample]:
+    """Every training sample of a stage (all sources), minus the known-bad images."""
+    return [s for src in stage.data for s in source_samples(stage, src, bad)]
+
+
+def source_samples(stage: StageConfig, src, bad: set) -> list[Sample]:
+    """One data source's training samples, minus the known-bad images."""
+    need_aus = stage.style.answers_with == "aus"
+    return [s for s in load_samples(src.manifest, src.splits, stage.labels, need_aus=need_aus) if str(s.path) not in bad]
 
 
 def load_base(cfg: RunConfig, run_dir: Path, accelerator):
-    """The starting weights. Tiny presets are built once and saved in the run (so resume is exact)."""
+    """The starting weights and their lineage entry."""
     spec = cfg.model
-    base_dir = run_dir / "base"
-    if spec.name in TINY_PRESETS:
-        if not (base_dir / "model.safetensors").is_file():
-            if accelerator.is_main_process:
-                model, processor = build_tiny(spec.name, tokenizer_path=spec.tokenizer, seed=spec.seed)
-                save_model(model, processor, base_dir)
-            accelerator.wait_for_everyone()
-        source, path = spec.name, base_dir
-    elif spec.name == "pretrained-tiny":
-        source, path = spec.name, ASSET_BASE
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"the shipped tiny base is missing at {path}; rebuild it with `cervl pretrain-tiny`")
-    else:
-        source, path = spec.name, spec.name
-    dtype = spec.dtype
-    model, processor = load_model(path, dtype=dtype, attn_implementation=spec.attn_implementation or "sdpa",
+    entry = base_entry(spec.name, run_dir)
+    if spec.name in TINY_PRESETS and not (run_dir / "base" / "model.safetensors").is_file():
+        if accelerator.is_main_process:
+            model, processor = build_tiny(spec.name, tokenizer_path=spec.tokenizer, seed=spec.seed)
+            save_model(model, processor, run_dir / "base")
+        accelerator.wait_for_everyone()
+    model, processor = load_model(base_weights(entry, run_dir), dtype=spec.dtype,
+                                  attn_implementation=spec.attn_implementation or default_attn_implementation(),
                                   min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
     model.to(accelerator.device)
-    return model, processor, {"stage": "base", "kind": "base", "source": str(source), "weights": str(path)}
-
-
-def _restore_finished_stage(model, stage: StageConfig, stage_dir: Path):
-    """Bring the in-memory model to the state right after ``stage`` (merging its adapter)."""
-    if stage.method == "full":
-        from safetensors.torch import load_model as load_safetensors
-
-        load_safetensors(model, str(stage_dir / "weights" / "model.safetensors"))
-        return model
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(model, stage_dir / "adapter")
-    merged = merge_lora(peft_model)
-    _load_extra(merged, stage_dir / "adapter")
-    return merged
+    return model, processor, entry
 
 
 # ----------------------------------------------------------------------------------------------
 # One stage
 # ----------------------------------------------------------------------------------------------
 
-def _prepare_trainable(model, stage: StageConfig):
+def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
+    warmup = stage.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if stage.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if stage.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_trainable(model, stage: StageConfig):
     """Wrap with a fresh LoRA (or unfreeze for full fine-tuning) following the stage's vision/merger choice."""
     torch.manual_seed(stage.seed)  # the adapter's initialisation is part of the recipe
     if stage.method == "lora":
@@ -207,224 +208,235 @@ def _prepare_trainable(model, stage: StageConfig):
     return model
 
 
-EXTRA = "extra_trainables.safetensors"  # non-LoRA weights a LoRA stage trained (embeddings, full vision...)
+class StageTrainer:
+    """One stage: :meth:`setup` (data, trainable policy, optimizer, resume), :meth:`train_step`,
+    :meth:`after_step` (logging, evaluation, checkpoints) and :meth:`finish` (save, merge)."""
 
+    def __init__(self, model, processor, cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path,
+                 accelerator, bad: set, *, progress: bool = True):
+        self.model, self.processor, self.cfg, self.index, self.stage = model, processor, cfg, index, stage
+        self.run_dir, self.dir, self.acc = run_dir, stage_dir(run_dir, index, stage.name), accelerator
+        self.bad, self.progress, self.main = bad, progress, accelerator.is_main_process
+        self.skipped_steps = 0
 
-def _base_name(name: str) -> str:
-    return name.removeprefix("base_model.model.")
+    def run(self):
+        """Train the stage; returns (model with this stage merged, lineage entry)."""
+        self.setup()
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"stage {self.stage.name}", unit="step",
+                   disable=not (self.progress and self.main))
+        pool = ThreadPoolExecutor(max_workers=1) if self.prefetch else None
+        pending = pool.submit(self.prepare, self.start_step) if pool and self.start_step < self.total_steps else None
+        self.ddp_model.train()
+        self.t_last, self.seen = time.perf_counter(), 0
+        for step in range(self.start_step, self.total_steps):
+            if pool:  # one background thread decodes and encodes step t+1 while step t trains
+                batches = pending.result()
+                if step + 1 < self.total_steps:
+                    pending = pool.submit(self.prepare, step + 1)
+            else:
+                batches = self.prepare(step)
+            loss = self.train_step(step, batches)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            self.after_step(step, loss)
+        bar.close()
+        if pool:
+            pool.shutdown()
+        return self.finish()
 
+    # --- set-up -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        stage, acc = self.stage, self.acc
+        self.mixture = Mixture([(source_samples(stage, src, self.bad), src.weight) for src in stage.data],
+                               seed=stage.seed)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.global_batch = stage.batch_size * stage.grad_accum * self.world
+        self.total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * self.mixture.per_epoch / self.global_batch))
+        self.prompt = prompt_text(self.processor, stage.style, stage.labels)  # rendered once per stage
+        self.model = prepare_trainable(self.model, stage)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=stage.lr, weight_decay=stage.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, stage, self.total_steps)
+        self.start_step = self._resume()
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / "stage.json", {"index": self.index, **to_dict(stage), "total_steps": self.total_steps,
+                                                 "samples_per_epoch": self.mixture.per_epoch, "world_size": self.world})
+        self.ddp_model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.metrics = MetricsLog(self.dir / "metrics.csv", enabled=self.main, tensorboard=self.cfg.tensorboard,
+                                  resume_step=self.start_step)
+        tok = self.processor.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.image_token_id = getattr(self.model.config, "image_token_id", None)
+        # Background preparation competes with the training threads on a CPU (34 vs 46-52 samples/s on 2 cores).
+        self.prefetch = self.cfg.prefetch if self.cfg.prefetch is not None else torch.cuda.is_available()
 
-def _load_extra(model, adapter_dir: Path) -> None:
-    """Copy a LoRA stage's non-LoRA trained weights into a (merged) model."""
-    path = Path(adapter_dir) / EXTRA
-    if not path.is_file():
-        return
-    from safetensors.torch import load_file
+    def _resume(self) -> int:
+        ckpt = find_checkpoint(self.dir)
+        if ckpt is None:
+            return 0
+        state = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        expected = {"total_steps": self.total_steps, "prompt": self.stage.style.name,
+                    "label_set": self.stage.labels.name}
+        changed = {k: (state.get(k), v) for k, v in expected.items() if k in state and state[k] != v}
+        if changed:
+            raise UserError(f"{ckpt} was written for another plan of stage {self.stage.name} "
+                            f"(saved vs now: {changed}); the batch size, process count or data changed. Use "
+                            f"another output_dir, or remove {ckpt} to restart the stage")
+        log.info("stage %s: resuming from %s at step %d/%d", self.stage.name, ckpt, state["step"], self.total_steps)
+        return state["step"]
 
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in load_file(path).items():
-            if name not in params:
-                raise ValueError(f"{path}: parameter {name} not in the model")
-            params[name].copy_(tensor)
-
-
-def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
-    warmup = stage.warmup_steps
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if stage.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if stage.schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def run_stage(model, processor, cfg: RunConfig, index: int, stage: StageConfig, stage_dir: Path, accelerator,
-              *, progress: bool = True):
-    """Train one stage; returns (model with this stage merged, lineage entry)."""
-    label_set, style = get_label_set(stage.label_set), get_prompt_style(stage.prompt)
-    sources = [(load_samples(s.manifest, s.splits, label_set, need_aus=style.answers_with == "aus"), s.weight)
-               for s in stage.data]
-    mixture = Mixture(sources, seed=stage.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = stage.batch_size * stage.grad_accum * world
-    total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * mixture.per_epoch / global_batch))
-
-    model = _prepare_trainable(model, stage)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    scheduler = make_scheduler(optimizer, stage, total_steps)
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-
-    start_step = 0
-    ckpt = find_checkpoint(stage_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        start_step = state["step"]
-        log.info("stage %s: resuming from %s at step %d/%d", stage.name, ckpt, start_step, total_steps)
-    if accelerator.is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_json(stage_dir / "stage.json", {"index": index, **asdict(stage), "total_steps": total_steps,
-                                              "samples_per_epoch": mixture.per_epoch, "world_size": world})
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    metrics = MetricsLog(stage_dir / "metrics.csv", enabled=accelerator.is_main_process,
-                         tensorboard=cfg.tensorboard)
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    image_token_id = model.config.image_token_id if hasattr(model.config, "image_token_id") else None
-
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"stage {stage.name}", unit="step",
-               disable=not (progress and accelerator.is_main_process))
-    t_last, seen = time.perf_counter(), 0
-    def prepare(step: int):
+    def prepare(self, step: int):
         """This process's share of every micro-batch of ``step``: a pure function of the step number,
         which is what makes resuming exact and lets the next step be prepared in the background."""
-        micro = []
+        stage, micro = self.stage, []
         for a in range(stage.grad_accum):
-            first = step * global_batch + a * stage.batch_size * world + rank * stage.batch_size
-            micro.append(mixture.take(first, stage.batch_size))
-        encoded = [[encode_sample(processor, style, label_set, load_rgb(s.path),
-                                  style.answer(s.record.label, s.record.aus), max_length=cfg.max_length,
+            first = step * self.global_batch + a * stage.batch_size * self.world + self.rank * stage.batch_size
+            micro.append(self.mixture.take(first, stage.batch_size))
+        encoded = [[encode_sample(self.processor, self.prompt, load_rgb(s.path),
+                                  stage.style.answer(s.record.label, s.record.aus), max_length=self.cfg.max_length,
                                   sample_name=s.name) for s in mb] for mb in micro]
-        return micro, [collate(e, pad_id, image_token_id) for e in encoded]
+        return [collate(e, self.pad_id, self.image_token_id) for e in encoded]
 
-    # One background thread decodes and encodes step t+1 while step t trains.
-    from concurrent.futures import ThreadPoolExecutor
-
-    prefetch = cfg.prefetch if cfg.prefetch is not None else torch.cuda.is_available()
-    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
-    pending = pool.submit(prepare, start_step) if pool and start_step < total_steps else None
-    ddp_model.train()
-    for step in range(start_step, total_steps):
-        if pool:
-            micro, batches = pending.result()
-            if step + 1 < total_steps:
-                pending = pool.submit(prepare, step + 1)
-        else:
-            micro, batches = prepare(step)
+    # --- one optimizer step -------------------------------------------------------------------
+    def train_step(self, step: int, batches: list[dict]) -> float:
+        acc, device = self.acc, self.acc.device
         # Normalise by the answer tokens of the whole global batch, so N processes x M micro-batches
         # give exactly the gradient of one big batch (DDP averages, hence the * world).
-        local_tokens = torch.tensor(float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)),
-                                    device=accelerator.device)
-        global_tokens = accelerator.reduce(local_tokens, reduction="sum").clamp(min=1)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("rank %d step %d samples %s tokens %d/%d", rank, step,
-                      [s.record.sample_id for mb in micro for s in mb], int(local_tokens), int(global_tokens))
-        loss_total = 0.0
+        local_tokens = torch.tensor(float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)), device=device)
+        global_tokens = acc.reduce(local_tokens, reduction="sum").clamp(min=1)
+        loss_total = torch.zeros((), device=device)
         for a, batch in enumerate(batches):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            ctx = accelerator.no_sync(ddp_model) if a < len(batches) - 1 else _nullcontext()
-            with ctx:
-                logits = ddp_model(**batch).logits
+            sync = acc.no_sync(self.ddp_model) if a < len(batches) - 1 else contextlib.nullcontext()
+            with sync:
+                logits = self.ddp_model(**batch).logits
                 token_loss = torch.nn.functional.cross_entropy(
                     logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
                     reduction="sum")
-                loss = token_loss / global_tokens * world
-                accelerator.backward(loss)
+                acc.backward(token_loss / global_tokens * self.world)
             loss_total += token_loss.detach()
-            log.debug("rank %d step %d micro %d token loss sum %.6f", rank, step, a, token_loss.item())
-        if stage.max_grad_norm:
-            accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        global_loss = (acc.reduce(loss_total, reduction="sum") / global_tokens).item()
+        # The gradient norm doubles as the non-finite check (with no clipping, max_norm=inf scales by 1.0: exact).
+        norm = acc.clip_grad_norm_(self.params, self.stage.max_grad_norm or float("inf"))
+        if self._non_finite(global_loss, norm, step):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()  # the schedule follows the step count, taken or skipped
+            return global_loss
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return global_loss
 
-        seen += global_batch
-        global_loss = (accelerator.reduce(loss_total.clone(), reduction="sum") / global_tokens).item()
-        bar.update()
-        epoch = (step + 1) * global_batch / mixture.per_epoch
-        rate = seen / max(time.perf_counter() - t_last, 1e-9)
-        bar.set_postfix(epoch=f"{epoch:.2f}", loss=f"{global_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                        samples_s=f"{rate:.1f}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-            dt = time.perf_counter() - t_last
-            metrics.write(stage=stage.name, step=step + 1, epoch=round(epoch, 4), loss=global_loss,
-                          lr=scheduler.get_last_lr()[0], samples_per_s=round(seen / dt, 2))
-            t_last, seen = time.perf_counter(), 0
-        if stage.eval.every and stage.eval.manifest and (step + 1) % stage.eval.every == 0 and step + 1 < total_steps:
-            if accelerator.is_main_process:
-                ev = evaluate(model, processor, stage, stage.eval.manifest, stage.eval.splits,
-                              max_samples=stage.eval.max_samples)
-                metrics.write(stage=stage.name, step=step + 1, epoch=round(epoch, 4), val_accuracy=ev["accuracy"],
-                              val_macro_f1=ev["macro_f1"])
-                ddp_model.train()
-            accelerator.wait_for_everyone()
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
-            if accelerator.is_main_process:
-                named = dict(model.named_parameters())
-                save_checkpoint(stage_dir, trainable={n: named[n] for n in trainable_names}, optimizer=optimizer,
-                                scheduler=scheduler, state={"step": step + 1, "total_steps": total_steps,
-                                                            "prompt": style.name, "label_set": label_set.name})
-            accelerator.wait_for_everyone()
-            _test_kill_hook(step + 1)
-    bar.close()
-    if pool:
-        pool.shutdown()
+    def _non_finite(self, loss: float, grad_norm, step: int) -> bool:
+        """True when this step must not update the weights; raises with ``nan_policy: stop``.
 
-    # Stage output: the adapter (LoRA) or full weights, then merge so the next stage starts from them.
-    info = {"stage": stage.name, "kind": stage.method, "index": index, "label_set": label_set.name,
-            "prompt": style.name, "data": [asdict(s) for s in stage.data], "steps": total_steps}
-    if stage.method == "lora":
-        info.update(rank=stage.lora.rank, alpha=stage.lora.alpha, adapter=str(stage_dir / "adapter"))
-    else:
-        info.update(weights=str(stage_dir / "weights"))
-    if stage.eval.manifest and accelerator.is_main_process:
-        info["final_eval"] = evaluate(model, processor, stage, stage.eval.manifest, stage.eval.splits,
-                                      max_samples=stage.eval.max_samples)
-        metrics.write(stage=stage.name, step=total_steps, epoch=round(total_steps * global_batch / mixture.per_epoch, 4),
-                      val_accuracy=info["final_eval"]["accuracy"], val_macro_f1=info["final_eval"]["macro_f1"])
-    if accelerator.is_main_process:
+        The loss is already reduced over processes and the norm is the global one, so every process
+        decides the same."""
+        norm_ok = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        if math.isfinite(loss) and norm_ok:
+            return False
+        lr = self.scheduler.get_last_lr()[0]
+        if self.cfg.nan_policy == "stop":
+            raise TrainingDiverged(f"stage {self.stage.name}, step {step + 1}: non-finite loss or gradient "
+                                   f"(loss {loss}, lr {lr:.3g}); nothing of this step was saved and the last "
+                                   f"checkpoint stays valid. Lower the lr, or set nan_policy=skip_step")
+        self.skipped_steps += 1
+        log.warning("stage %s, step %d: non-finite loss or gradient; step skipped (%d so far)", self.stage.name,
+                    step + 1, self.skipped_steps)
+        return True
+
+    # --- logging, evaluation, checkpoints -----------------------------------------------------
+    def after_step(self, step: int, loss: float) -> None:
+        stage, done = self.stage, step + 1
+        self.seen += self.global_batch
+        epoch = round(done * self.global_batch / self.mixture.per_epoch, 4)
+        if done % self.cfg.log_every == 0 or done == self.total_steps:
+            dt = time.perf_counter() - self.t_last
+            self.metrics.write(stage=stage.name, step=done, epoch=epoch, loss=loss,
+                               lr=self.scheduler.get_last_lr()[0], samples_per_s=round(self.seen / dt, 2),
+                               skipped_steps=self.skipped_steps)
+            self.t_last, self.seen = time.perf_counter(), 0
+        if stage.eval.every and stage.eval.manifest and done % stage.eval.every == 0 and done < self.total_steps:
+            if self.main:
+                ev = self.evaluate()
+                self.metrics.write(stage=stage.name, step=done, epoch=epoch, val_accuracy=ev["accuracy"],
+                                   val_macro_f1=ev["macro_f1"])
+                self.ddp_model.train()
+            self.acc.wait_for_everyone()
+        if self.cfg.checkpoint_every and done % self.cfg.checkpoint_every == 0 and done < self.total_steps:
+            if self.main:
+                named = dict(self.model.named_parameters())
+                save_checkpoint(self.dir, trainable={n: named[n] for n in self.trainable_names},
+                                optimizer=self.optimizer, scheduler=self.scheduler,
+                                state={"step": done, "total_steps": self.total_steps, "prompt": stage.style.name,
+                                       "label_set": stage.labels.name})
+            self.acc.wait_for_everyone()
+            _test_kill_hook(done)
+
+    def evaluate(self) -> dict:
+        ev = self.stage.eval
+        return evaluate(self.model, self.processor, self.stage.style, self.stage.labels, ev.manifest, ev.splits,
+                        max_samples=ev.max_samples)
+
+    # --- save and merge -----------------------------------------------------------------------
+    def finish(self):
+        stage = self.stage
+        info = {"stage": stage.name, "kind": stage.method, "index": self.index, "label_set": stage.labels.name,
+                "prompt": stage.style.name, "data": to_dict(stage.data), "steps": self.total_steps,
+                "skipped_steps": self.skipped_steps}
         if stage.method == "lora":
-            model.save_pretrained(stage_dir / "adapter", safe_serialization=True)
-            extra = {_base_name(n): p.detach().contiguous() for n, p in model.named_parameters()
-                     if p.requires_grad and "lora_" not in n}
-            if extra:
-                from safetensors.torch import save_file
-
-                save_file(extra, stage_dir / "adapter" / EXTRA)
+            info.update(rank=stage.lora.rank, alpha=stage.lora.alpha, adapter=relative(self.run_dir, self.dir / "adapter"))
         else:
-            from safetensors.torch import save_model as save_safetensors  # handles tied embeddings
+            info.update(weights=relative(self.run_dir, self.dir / "weights"))
+        if stage.eval.manifest and self.main:
+            info["final_eval"] = self.evaluate()
+            self.metrics.write(stage=stage.name, step=self.total_steps,
+                               epoch=round(self.total_steps * self.global_batch / self.mixture.per_epoch, 4),
+                               val_accuracy=info["final_eval"]["accuracy"], val_macro_f1=info["final_eval"]["macro_f1"])
+        if self.main:
+            assert_finite_weights(self.model, f"stage {stage.name}")
+            self._save_output()
+            write_json(self.dir / "DONE.json", info)
+            shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)  # the stage's output replaces it
+        self.acc.wait_for_everyone()
+        self.metrics.close()
+        model = merge_lora(self.model) if stage.method == "lora" else self.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, info
 
-            (stage_dir / "weights").mkdir(parents=True, exist_ok=True)
-            save_safetensors(model, str(stage_dir / "weights" / "model.safetensors"))
-        write_json(stage_dir / "DONE.json", info)
-        shutil.rmtree(stage_dir / "checkpoint", ignore_errors=True)
-    accelerator.wait_for_everyone()
-    metrics.close()
-    model = merge_lora(model) if stage.method == "lora" else model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, info
+    def _save_output(self) -> None:
+        from safetensors.torch import save_file
+        from safetensors.torch import save_model as save_safetensors  # handles tied embeddings
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _test_kill_hook(step: int) -> None:
-    """Tests set CERVL_TEST_KILL_AT_STEP to SIGKILL the process right after a checkpoint."""
-    at = os.environ.get("CERVL_TEST_KILL_AT_STEP")
-    if at and int(at) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+        if self.stage.method == "lora":
+            self.model.save_pretrained(self.dir / "adapter", safe_serialization=True)
+            extra = {n.removeprefix("base_model.model."): p.detach().contiguous()
+                     for n, p in self.model.named_parameters() if p.requires_grad and "lora_" not in n}
+            if extra:
+                save_file(extra, self.dir / "adapter" / EXTRA)
+        else:
+            (self.dir / "weights").mkdir(parents=True, exist_ok=True)
+            save_safetensors(self.model, str(self.dir / "weights" / "model.safetensors"))
 
 
 class MetricsLog:
-    """Append-only CSV of training metrics (flushed per row), optionally mirrored to TensorBoard."""
+    """Append-only CSV of training metrics (flushed per row), optionally mirrored to TensorBoard.
 
-    FIELDS = ["time", "stage", "step", "epoch", "loss", "lr", "samples_per_s", "val_accuracy", "val_macro_f1"]
+    On resume, rows after the resumed step (written before the kill) are dropped first, so the file
+    never holds a step twice.
+    """
 
-    def __init__(self, path: Path, *, enabled: bool, tensorboard: bool):
+    FIELDS = ["time", "stage", "step", "epoch", "loss", "lr", "samples_per_s", "skipped_steps", "val_accuracy",
+              "val_macro_f1"]
+
+    def __init__(self, path: Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled, self.path, self.tb = enabled, path, None
+        if enabled and path.is_file():
+            self._truncate(resume_step)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -432,6 +444,17 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(path.parent / "tensorboard"))
             except ImportError:
                 log.warning("tensorboard requested but not installed (pip install tensorboard); CSV only")
+
+    def _truncate(self, step: int) -> None:
+        from cervl.data.manifest import atomic_write_text
+
+        with self.path.open(newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.path, buf.getvalue())
 
     def write(self, **row) -> None:
         if not self.enabled:
@@ -452,76 +475,11 @@ class MetricsLog:
             self.tb.close()
 
 
-# ----------------------------------------------------------------------------------------------
-# Final model, reload, evaluation
-# ----------------------------------------------------------------------------------------------
-
-def save_final(model, processor, cfg: RunConfig, run_dir: Path, lineage: list[dict]) -> Path:
-    """``final/``: merged weights + processor files + cervl.json (prompt, label set, lineage)."""
-    last = cfg.stages[-1]
-    final = run_dir / "final"
-    meta = {"prompt": last.prompt, "label_set": last.label_set, "lineage": lineage, "save": cfg.save,
-            "max_length": cfg.max_length, "model": asdict(cfg.model)}
-    if cfg.save == "merged":
-        tmp = run_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, processor, tmp)
-        write_json(tmp / RUN_META, meta)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    else:
-        final.mkdir(parents=True, exist_ok=True)
-        write_json(final / RUN_META, meta)
-    return final
+def _test_kill_hook(step: int) -> None:
+    """Tests set CERVL_TEST_KILL_AT_STEP to SIGKILL the process right after a checkpoint."""
+    at = os.environ.get("CERVL_TEST_KILL_AT_STEP")
+    if at and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def load_run(run_dir: str | Path, *, dtype: str = "fp32"):
-    """Load a finished run: returns ``(model, processor, meta)`` with the saved prompt style and label set.
-
-    ``save: merged`` runs load ``final/`` directly; ``save: adapter`` runs rebuild the base and merge
-    the stage adapters in lineage order.
-    """
-    run_dir = Path(run_dir)
-    meta_path = run_dir / "final" / RUN_META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no final/{RUN_META}: is it a finished cervl run?")
-    meta = json.loads(meta_path.read_text())
-    if meta["save"] == "merged":
-        model, processor = load_model(run_dir / "final", dtype=dtype, attn_implementation="sdpa")
-        return model, processor, meta
-    from peft import PeftModel
-
-    base = meta["lineage"][0]
-    model, processor = load_model(base["weights"], dtype=dtype, attn_implementation="sdpa")
-    for entry in meta["lineage"][1:]:
-        if entry["kind"] == "lora":
-            model = merge_lora(PeftModel.from_pretrained(model, entry["adapter"]))
-            _load_extra(model, Path(entry["adapter"]))
-        else:
-            from safetensors.torch import load_model as load_safetensors
-
-            load_safetensors(model, str(Path(entry["weights"]) / "model.safetensors"))
-    return model, processor, meta
-
-
-def evaluate(model, processor, stage: StageConfig, manifest: str, splits: list[str], *, max_samples: int = 0,
-             progress: bool = False) -> dict:
-    """Accuracy and macro-F1 of constrained scoring on a labelled manifest split."""
-    from cervl.metrics import accuracy, confusion_matrix, macro_f1
-
-    label_set, style = get_label_set(stage.label_set), get_prompt_style(stage.prompt)
-    samples = load_samples(manifest, splits, label_set)
-    if max_samples and len(samples) > max_samples:
-        idx = np.random.default_rng(0).choice(len(samples), max_samples, replace=False)
-        samples = [samples[i] for i in sorted(idx)]
-    was_training = model.training
-    probs = score_labels(model, processor, style, label_set, [s.path for s in samples], progress=progress)
-    model.train(was_training)
-    y_true = np.array([label_set.index_of[s.record.label] for s in samples])
-    y_pred = probs.argmax(1)
-    return {"manifest": str(manifest), "splits": splits, "n": len(samples), "label_set": label_set.name,
-            "accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred, len(label_set)),
-            "confusion": confusion_matrix(y_true, y_pred, len(label_set)).tolist()}
-
-
-__all__ = ["train", "load_run", "evaluate", "run_stage", "DataError"]
+__all__ = ["train", "check_data", "load_base", "StageTrainer", "TrainingDiverged", "make_scheduler"]

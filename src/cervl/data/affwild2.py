@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cervl.data.base import BadInputs, check_image, parse_int, read_label_lines
+from cervl.data.base import BadInputs, Reader, check_image, parse_int, read_label_lines
+from cervl.errors import InvalidInput
 from cervl.data.manifest import ManifestError, Record
 from cervl.labels import LabelSet, get_label_set, normalize_name
 
@@ -48,27 +49,26 @@ def read_frame_annotations(path: Path, label_set: LabelSet, *, header_required: 
             bad.report(err)
 
 
-class AffWild2Reader:
+class AffWild2Reader(Reader):
     """``cervl prepare affwild2 ROOT --annotations DIR [--frames DIR] [--every N]``."""
 
     name = "affwild2"
     label_set_name = "affwild2-expr"
     header_required = True
+    options = ("annotations", "frames", "every", "split")
 
     def __init__(self, root: str | Path, *, annotations: str | Path | None = None, frames: str | Path | None = None,
-                 every: int = 1, split: str | None = None, check_images: bool = True,
-                 bad: BadInputs | None = None, **_: object):
-        self.root = Path(root)
+                 every: int = 1, split: str | None = None, **common):
+        super().__init__(root, **common)
         if annotations is None:
-            raise ValueError(f"{self.name}: --annotations DIR is required (the Train_Set or Validation_Set folder)")
+            raise InvalidInput(f"{self.name}: --annotations DIR is required (the Train_Set or Validation_Set folder)")
         self.annotations = self.root / annotations  # an absolute path stays absolute
         self.frames = self.root / (frames or "cropped_aligned")
         if every < 1:
-            raise ValueError(f"--every must be >= 1, got {every}")
-        self.every, self.check_images, self.bad = every, check_images, bad or BadInputs()
+            raise InvalidInput(f"--every must be >= 1, got {every}")
+        self.every = every
         self.split = split or self.infer_split(self.annotations)
         self.label_set = get_label_set(self.label_set_name)
-        self.missing_frames = 0
 
     @property
     def image_root(self) -> Path:

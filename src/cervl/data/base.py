@@ -12,6 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from cervl.data.manifest import ManifestError, Record, atomic_write_text
+from cervl.errors import InvalidInput
+from cervl.registry import suggest
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,40 @@ class BadInputs:
         path = Path(str(manifest_path) + ".bad.jsonl")
         atomic_write_text(path, "".join(json.dumps(o) + "\n" for o in self.offenders))
         return path
+
+
+class Reader:
+    """Base of the dataset readers (``cervl prepare DATASET``): ``Reader(root, **options).read() -> records``.
+
+    ``options`` declares the keyword options a reader takes (the ``cervl prepare`` flags that apply to
+    it); :func:`cervl.data.make_reader` rejects any other option instead of ignoring it.
+    ``missing_frames`` counts annotated frames without an image file (video datasets).
+    """
+
+    name = ""
+    options: tuple[str, ...] = ()
+
+    def __init__(self, root: str | Path, *, check_images: bool = True, bad: BadInputs | None = None):
+        self.root = Path(root)
+        self.check_images, self.bad = check_images, bad or BadInputs()
+        self.missing_frames = 0
+
+    @property
+    def image_root(self) -> Path:
+        """Folder the records' relative image paths start from."""
+        return self.root
+
+    def read(self) -> list[Record]:
+        raise NotImplementedError
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Refuse options this reader does not take, naming the ones it does."""
+        for key in options:
+            if key not in cls.options:
+                takes = ", ".join(cls.options) or "none"
+                raise InvalidInput(f"dataset {cls.name!r} does not take option {key!r} (its options: {takes})"
+                                   f"{suggest(key, cls.options)}")
 
 
 def check_image(path: Path, *, source: str | Path | None = None, line: int | None = None) -> None:

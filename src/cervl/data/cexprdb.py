@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 from cervl.data.affwild2 import read_frame_annotations
-from cervl.data.base import IMAGE_SUFFIXES, BadInputs, check_image
+from cervl.data.base import IMAGE_SUFFIXES, Reader, check_image
+from cervl.errors import InvalidInput
 from cervl.data.manifest import ManifestError, Record
 from cervl.labels import get_label_set
 
@@ -25,24 +26,20 @@ def frame_number(path: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
-class CexprdbReader:
+class CexprdbReader(Reader):
     """``cervl prepare cexprdb ROOT [--annotations DIR] [--every N] [--split test]``."""
 
     name = "cexprdb"
+    options = ("annotations", "every", "split")
 
     def __init__(self, root: str | Path, *, annotations: str | Path | None = None, every: int = 1,
-                 split: str | None = None, check_images: bool = True, bad: BadInputs | None = None, **_: object):
-        self.root = Path(root)
+                 split: str | None = None, **common):
+        super().__init__(root, **common)
+        if every < 1:
+            raise InvalidInput(f"--every must be >= 1, got {every}")
         self.annotations = self.root / annotations if annotations else None
         self.every, self.split = every, split or "test"
-        self.check_images, self.bad = check_images, bad or BadInputs()
         self.label_set = get_label_set("cexprdb")
-        self.missing_frames = 0
-
-    @property
-    def image_root(self) -> Path:
-        """Folder the records' relative image paths start from."""
-        return self.root
 
     def read(self) -> list[Record]:
         if not self.root.is_dir():

@@ -9,18 +9,20 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from cervl.data.base import BadInputs, check_image
+from cervl.data.base import Reader, check_image
 from cervl.data.manifest import SPLITS, ManifestError, Record
 from cervl.labels import LabelSet, get_label_set, label_set_containing, resolve_name
 
 
-class CsvReader:
-    name = "csv"
+class CsvReader(Reader):
+    """``cervl prepare csv FILE.csv``: columns ``image,label[,split]``; images relative to the CSV's folder."""
 
-    def __init__(self, root: str | Path, *, label_set: str | None = None, split: str | None = None,
-                 check_images: bool = True, bad: BadInputs | None = None, **_: object):
-        self.path, self.split = Path(root), split or "train"
-        self.label_set_name, self.check_images, self.bad = label_set, check_images, bad or BadInputs()
+    name = "csv"
+    options = ("label_set", "split")
+
+    def __init__(self, root: str | Path, *, label_set: str | None = None, split: str | None = None, **common):
+        super().__init__(root, **common)
+        self.path, self.split, self.label_set_name = self.root, split or "train", label_set
 
     @property
     def image_root(self) -> Path:

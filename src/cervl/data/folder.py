@@ -4,25 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cervl.data.base import IMAGE_SUFFIXES, BadInputs, check_image
+from cervl.data.base import IMAGE_SUFFIXES, Reader, check_image
 from cervl.data.manifest import SPLITS, ManifestError, Record
 from cervl.labels import get_label_set, label_set_containing, resolve_name
 
 
-class FolderReader:
+class FolderReader(Reader):
     """Class names are matched tolerantly ("happily_surprised" works); the label set is inferred."""
 
     name = "folder"
+    options = ("label_set", "split")
 
-    def __init__(self, root: str | Path, *, label_set: str | None = None, split: str | None = None,
-                 check_images: bool = True, bad: BadInputs | None = None, **_: object):
-        self.root, self.split = Path(root), split or "train"
-        self.label_set_name, self.check_images, self.bad = label_set, check_images, bad or BadInputs()
-
-    @property
-    def image_root(self) -> Path:
-        """Folder the records' relative image paths start from."""
-        return self.root
+    def __init__(self, root: str | Path, *, label_set: str | None = None, split: str | None = None, **common):
+        super().__init__(root, **common)
+        self.split, self.label_set_name = split or "train", label_set
 
     def read(self) -> list[Record]:
         if not self.root.is_dir():

@@ -8,24 +8,23 @@ has one (``cervl align`` writes crops whose ``source`` is the photo the face was
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
 import tempfile
-from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from cervl.errors import InvalidInput
 from cervl.labels import get_label_set
+from cervl.registry import suggest
 
 SPLITS = ("train", "val", "test")
 VARIANTS = ("aligned", "original")
-LANDMARK_ORDER = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 
-class ManifestError(ValueError):
+class ManifestError(InvalidInput):
     """A bad manifest record or dataset file; the message names file, line and field."""
 
     def __init__(self, message: str, *, file: str | os.PathLike | None = None, line: int | None = None,
@@ -84,8 +83,7 @@ def validate_record(raw: Any, *, file: str | os.PathLike | None = None, line: in
         raise fail(None, f"expected a JSON object, got {type(raw).__name__}")
     for key in raw:
         if key not in _FIELDS:
-            hint = difflib.get_close_matches(key, sorted(_FIELDS), n=1)
-            raise fail(key, "unknown field" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+            raise fail(key, "unknown field" + suggest(key, _FIELDS))
     for key in _REQUIRED:
         if raw.get(key) in (None, ""):
             raise fail(key, "missing required field")
@@ -150,9 +148,6 @@ class Manifest:
 
     def split(self, *splits: str) -> "Manifest":
         return Manifest([r for r in self.records if r.split in splits], self.path, self._base)
-
-    def counts(self, key: str = "label") -> Counter:
-        return Counter(getattr(r, key) for r in self.records)
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cervl.errors import InvalidInput
 from cervl.data.manifest import Manifest, Record, read_manifest
 from cervl.labels import LabelSet
 
@@ -25,8 +26,8 @@ class Sample:
         return f"{self.record.sample_id} ({self.path})"
 
 
-class DataError(ValueError):
-    pass
+class DataError(InvalidInput):
+    """Training or evaluation data that cannot be used (missing manifest, empty split, foreign label)."""
 
 
 def load_samples(manifest: str | Path, splits: list[str], label_set: LabelSet, *, need_labels: bool = True,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cervl.data.base import BadInputs, check_image, parse_int, read_label_lines
+from cervl.data.base import Reader, check_image, parse_int, read_label_lines
+from cervl.errors import InvalidInput
 from cervl.data.manifest import ManifestError, Record
 from cervl.labels import get_label_set
 
@@ -53,31 +54,26 @@ def read_manual_landmarks(path: Path) -> list[list[float]]:
     return points
 
 
-class RafdbReader:
+class RafdbReader(Reader):
     """``cervl prepare rafdb ROOT --subset basic|compound --variant aligned|original``."""
 
     name = "rafdb"
+    options = ("subset", "variant")
 
-    def __init__(self, root: str | Path, *, subset: str = "basic", variant: str = "aligned",
-                 check_images: bool = True, bad: BadInputs | None = None, **_: object):
+    def __init__(self, root: str | Path, *, subset: str = "basic", variant: str = "aligned", **common):
+        super().__init__(root, **common)
         if subset not in ("basic", "compound"):
-            raise ValueError(f"--subset must be 'basic' or 'compound', got {subset!r}")
+            raise InvalidInput(f"--subset must be 'basic' or 'compound', got {subset!r}")
         if variant not in ("aligned", "original"):
-            raise ValueError(f"--variant must be 'aligned' or 'original', got {variant!r}")
-        self.root, self.subset, self.variant = Path(root), subset, variant
+            raise InvalidInput(f"--variant must be 'aligned' or 'original', got {variant!r}")
+        self.subset, self.variant = subset, variant
         self.label_set = get_label_set(f"rafdb-{subset}")
-        self.check_images, self.bad = check_images, bad or BadInputs()
 
     def image_relpath(self, name: str) -> Path:
         stem = Path(name).stem
         if self.variant == "aligned":
             return Path("Image") / "aligned" / f"{stem}_aligned.jpg"
         return Path("Image") / "original" / name
-
-    @property
-    def image_root(self) -> Path:
-        """Folder the records' relative image paths start from."""
-        return self.root
 
     def read(self) -> list[Record]:
         label_file = self.root / LABEL_FILE

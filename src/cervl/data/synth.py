@@ -177,9 +177,24 @@ def draw_face(pen: _Pen, idn: Identity, aus: dict[int, float]) -> np.ndarray:
     """Draw one face in template coordinates; return its 5 landmarks (template frame)."""
     a = {k: float(v) for k, v in aus.items()}
     skin, hair = idn.skin, idn.hair
-    shadow, line_c = _shade(skin, 0.78), _shade(skin, 0.55)
-    lip_c = _mix(_shade(skin, 0.85), (175, 70, 75), 0.45)
-    brow_c = _shade(hair, 0.8) if sum(hair) < 450 else _shade(hair, 0.55)
+    c = {"skin": skin, "hair": hair, "shadow": _shade(skin, 0.78), "line": _shade(skin, 0.55),
+         "lip": _mix(_shade(skin, 0.85), (175, 70, 75), 0.45),
+         "brow": _shade(hair, 0.8) if sum(hair) < 450 else _shade(hair, 0.55)}
+    brow_base = _draw_head(pen, idn, a, c)
+    _draw_brows(pen, idn, a, c, brow_base)
+    eye_pts = _draw_eyes(pen, idn, a, c)
+    tip_y, nostril_y, spread = _draw_nose(pen, idn, a, c)
+    left, right = _draw_mouth(pen, idn, a, c, nostril_y, spread)
+    return np.array([eye_pts[0], eye_pts[1], (CX, tip_y), left, right], dtype=np.float64)
+
+
+def _unpack(c: dict):
+    return c["skin"], c["hair"], c["shadow"], c["line"], c["lip"], c["brow"]
+
+
+def _draw_head(pen: _Pen, idn: Identity, a: dict, c: dict) -> float:
+    """Body, neck, ears, face outline, hair, forehead wrinkles and cheeks; returns the brow baseline."""
+    skin, hair, shadow, line_c, _, _ = _unpack(c)
     fw, fh = idn.face_w, idn.face_h
 
     # Body, hair behind the head, ears, neck.
@@ -224,6 +239,11 @@ def draw_face(pen: _Pen, idn: Identity, aus: dict[int, float]) -> np.ndarray:
         cy = idn.eye_y + 13 - 4 * a[6]
         pen.ellipse(ex + side * 2, cy, 9, 5 + 1.5 * a[6], _mix(skin, (230, 130, 120), 0.12 + 0.25 * a[6]))
 
+    return brow_base
+
+
+def _draw_brows(pen: _Pen, idn: Identity, a: dict, c: dict, brow_base: float) -> None:
+    skin, _, _, line_c, _, brow_c = _unpack(c)
     # Brows: inner/mid/outer points moved by AU1, AU2, AU4 (and AU9 pulls them down a little).
     brows = []
     for side in (-1, 1):
@@ -242,6 +262,9 @@ def draw_face(pen: _Pen, idn: Identity, aus: dict[int, float]) -> np.ndarray:
         for dx in (-2.2, 2.2):
             pen.line([(CX + dx, y0 - 3), (CX + dx * 0.8, y0 + 4)], col, 0.8)
 
+
+def _draw_eyes(pen: _Pen, idn: Identity, a: dict, c: dict) -> list:
+    skin, _, _, line_c, _, _ = _unpack(c)
     # Eyes: lid apertures from AU5 (wider), AU7 (tighter), AU6 and AU4 (narrower).
     upper_h = np.clip(idn.eye_h + 3.2 * a[5] - 1.3 * a[7] - 0.9 * a[4] - 0.7 * a[6] - 0.4 * a[9], 0.4, None)
     lower_h = np.clip(0.75 * idn.eye_h - 1.5 * a[7] - 1.2 * a[6] + 0.4 * a[5], 0.3, None)
@@ -270,7 +293,11 @@ def draw_face(pen: _Pen, idn: Identity, aus: dict[int, float]) -> np.ndarray:
     if idn.glasses:
         pen.line([(CX - idn.eye_dx + idn.eye_w + 4.5, idn.eye_y), (CX + idn.eye_dx - idn.eye_w - 4.5, idn.eye_y)],
                  (30, 30, 35), 1.2)
+    return eye_pts
 
+
+def _draw_nose(pen: _Pen, idn: Identity, a: dict, c: dict) -> tuple[float, float, float]:
+    skin, _, shadow, line_c, _, _ = _unpack(c)
     # Nose: AU9 wrinkles the bridge and lifts/widens the nostrils, AU10 lifts them slightly.
     tip_y = idn.nose_y - 0.8 * a[9] - 0.4 * a[10]
     for side in (-1, 1):
@@ -288,7 +315,11 @@ def draw_face(pen: _Pen, idn: Identity, aus: dict[int, float]) -> np.ndarray:
         for k in range(3):
             y = idn.eye_y + 5 + 2.4 * k
             pen.line(_curve(CX - 3.5, y, CX + 3.5, y, -0.8, 5), col, 0.7)
+    return tip_y, nostril_y, spread
 
+
+def _draw_mouth(pen: _Pen, idn: Identity, a: dict, c: dict, nostril_y: float, spread: float):
+    skin, _, _, line_c, lip_c, _ = _unpack(c)
     # Mouth corners: AU12 up/out, AU15 down, AU20 out, AU23/24 in, AU10/AU17 small shifts.
     dx = 4.0 * a[12] + 5.5 * a[20] - 3.0 * a[23] - 2.5 * a[24] - 0.6 * a[15]
     dy = -5.0 * a[12] + 4.5 * a[15] + 1.0 * a[20] - 1.0 * a[10] + 1.2 * a[17] - 0.4 * a[6]
@@ -330,7 +361,7 @@ def draw_face(pen: _Pen, idn: Identity, aus: dict[int, float]) -> np.ndarray:
         pen.line(_curve(CX - 5, cy, CX + 5, cy, 1.2, 7), col, 0.7)
         pen.ellipse(CX - 2.5, cy + 3, 0.6, 0.6, col, 6)
         pen.ellipse(CX + 2.0, cy + 3.5, 0.6, 0.6, col, 6)
-    return np.array([eye_pts[0], eye_pts[1], (CX, tip_y), left, right], dtype=np.float64)
+    return left, right
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:

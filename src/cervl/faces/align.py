@@ -54,12 +54,6 @@ def apply_affine(m: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ m[:, :2].T + m[:, 2]
 
 
-def invert_affine(m: np.ndarray) -> np.ndarray:
-    """Inverse of a 2x3 affine matrix."""
-    a = np.vstack([m, [0.0, 0.0, 1.0]])
-    return np.linalg.inv(a)[:2]
-
-
 def warp_affine(image: Image.Image | np.ndarray, m: np.ndarray, size: int | tuple[int, int],
                 fill: int | tuple[int, ...] = 0) -> Image.Image:
     """Warp ``image`` with the forward matrix ``m`` (source -> output pixels) into ``size`` (bicubic).

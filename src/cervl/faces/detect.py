@@ -27,6 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from cervl.errors import InvalidInput, MissingResource
+from cervl.registry import lookup
+
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +51,14 @@ class FaceDetector:
 
     def detect(self, images: list[Image.Image]) -> list[list[Face]]:
         raise NotImplementedError
+
+    def refine(self, images: list[Image.Image] | list[np.ndarray], boxes: list[np.ndarray]) -> list[Face | None]:
+        """Re-locate known faces around their predicted boxes (cheaper than :meth:`detect`).
+
+        None means "not confirmed": the video tracker then runs a full detection. Detectors without
+        a cheap re-locator keep this default, so tracking with them detects whenever the flow stops.
+        """
+        return [None] * len(images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +127,7 @@ def mtcnn_weights_dir() -> Path:
     """The folder of P/R/O-Net weights inside the installed facenet-pytorch wheel (not imported)."""
     spec = importlib.util.find_spec("facenet_pytorch")
     if spec is None or spec.origin is None:
-        raise RuntimeError("the default face detector needs the MTCNN weights shipped in facenet-pytorch: "
+        raise MissingResource("the default face detector needs the MTCNN weights shipped in facenet-pytorch: "
                            "pip install --no-deps facenet-pytorch==2.6.0")
     return Path(spec.origin).parent / "data"
 
@@ -265,7 +276,7 @@ class MTCNNDetector(FaceDetector):
         "how many faces" is only known within that size range.
         """
         if search not in ("all", "largest"):
-            raise ValueError(f"search must be 'all' or 'largest', got {search!r}")
+            raise InvalidInput(f"search must be 'all' or 'largest', got {search!r}")
         self.min_face_size, self.thresholds, self.factor, self.device = min_face_size, thresholds, factor, device
         self.max_side, self.search = max_side, search
         wdir = mtcnn_weights_dir()
@@ -450,7 +461,7 @@ class YuNetDetector(FaceDetector):
         import cv2
 
         if not model_path or not Path(model_path).is_file():
-            raise RuntimeError("the yunet detector needs model_path=face_detection_yunet_2023mar.onnx (download it "
+            raise MissingResource("the yunet detector needs model_path=face_detection_yunet_2023mar.onnx (download it "
                                "from the OpenCV model zoo); the default offline detector is 'mtcnn'")
         self.cv2, self.model_path, self.score_threshold = cv2, model_path, score_threshold
 
@@ -476,7 +487,5 @@ DETECTORS: dict[str, type[FaceDetector]] = {c.name: c for c in (MTCNNDetector, Y
 
 
 def make_detector(name: str = "mtcnn", **options) -> FaceDetector:
-    try:
-        return DETECTORS[name](**options)
-    except KeyError:
-        raise KeyError(f"unknown face detector {name!r} (available: {sorted(DETECTORS)})") from None
+    """Build the detector registered as ``name``; errors inside its constructor surface as themselves."""
+    return lookup(DETECTORS, name, "face detector")(**options)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from cervl.data.images import load_rgb
+from cervl.errors import InvalidInput
 from cervl.faces.align import align_face
 from cervl.faces.detect import FaceDetector, make_detector
 
@@ -42,7 +44,7 @@ class FaceAligner:
     def __init__(self, detector: FaceDetector | str = "mtcnn", *, size: int = 112, faces: str = "largest",
                  fallback: str = "skip", **detector_options):
         if faces not in ("largest", "all") or fallback not in ("skip", "center"):
-            raise ValueError("faces must be largest|all and fallback skip|center")
+            raise InvalidInput("faces must be largest|all and fallback skip|center")
         self.detector = make_detector(detector, **detector_options) if isinstance(detector, str) else detector
         self.size, self.faces, self.fallback = size, faces, fallback
 
@@ -103,11 +105,10 @@ def _align_chunk(aligner: FaceAligner, chunk: list[tuple[int, str, list | None]]
     images, ok, out = [], [], []
     for i, path, lm in chunk:
         try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+            images.append(load_rgb(path))  # upright (EXIF), RGB, errors name the file
             ok.append((i, lm))
-        except Exception as e:  # noqa: BLE001 - reported per file, the others go on
-            out.append((i, f"{type(e).__name__}: {e}"))
+        except InvalidInput as e:  # reported per file, the others go on
+            out.append((i, str(e)))
     if images:
         for (i, _), res in zip(ok, aligner.align_batch(images, [lm for _, lm in ok])):
             out.append((i, res))

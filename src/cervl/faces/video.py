@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cervl.data.images import load_rgb
+from cervl.errors import InvalidInput, UserError
 from cervl.faces.align import align_face
 from cervl.faces.detect import Face, FaceDetector
 from cervl.faces.track import FaceTracker, LandmarkFlow, moved_box
@@ -26,7 +28,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 _DIGITS = re.compile(r"(\d+)")
 
 
-class VideoError(RuntimeError):
+class VideoError(UserError, RuntimeError):
     """A video that cannot be decoded (corrupt, truncated, unsupported codec, no frames)."""
 
 
@@ -44,12 +46,11 @@ def read_frame_arrays(path: str | Path, every: int = 1) -> Iterator[tuple[int, n
     """Like :func:`read_frames`, as RGB uint8 arrays (no PIL round trip: cheaper per frame)."""
     path = Path(path)
     if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
+        raise InvalidInput(f"every must be >= 1, got {every}")
     if path.is_dir():
         for n, p in _numbered_files(path):
             if (n - 1) % every == 0:
-                with Image.open(p) as im:
-                    yield n, np.asarray(im.convert("RGB"))
+                yield n, np.asarray(load_rgb(p))
         return
     import cv2
 
@@ -261,9 +262,8 @@ def track_faces(frames: Iterable[tuple[int, np.ndarray]], detector: FaceDetector
     import cv2
 
     if redetect_every < 1 or verify_every < 1:
-        raise ValueError("redetect_every and verify_every must be >= 1")
+        raise InvalidInput("redetect_every and verify_every must be >= 1")
     tracker, flow = FaceTracker(), LandmarkFlow()
-    can_refine = hasattr(detector, "refine")
     face: Face | None = None
     prev_gray = None
     since_detect = since_verify = 0
@@ -277,7 +277,7 @@ def track_faces(frames: Iterable[tuple[int, np.ndarray]], detector: FaceDetector
                 since_verify += 1
             else:
                 guess = face.box if moved is None else moved_box(face.box, face.landmarks, moved)
-                face = detector.refine([rgb], [guess])[0] if can_refine else None
+                face = detector.refine([rgb], [guess])[0]
                 since_verify = 0
             since_detect += 1
         else:
@@ -294,26 +294,6 @@ def track_faces(frames: Iterable[tuple[int, np.ndarray]], detector: FaceDetector
             yield FrameFace(n, status, crop, face.box.round(2).tolist(), face.landmarks.round(2).tolist())
 
 
-def smooth(probs: np.ndarray, method: str = "gaussian", window: int = 5, sigma: float = 1.5) -> np.ndarray:
-    """Temporal smoothing of per-frame class probabilities (T, K): ``none``, ``moving`` or ``gaussian``.
-
-    Edges use the available neighbours (renormalised weights), so the output stays a distribution.
-    """
-    probs = np.asarray(probs, dtype=float)
-    if method == "none" or len(probs) < 2:
-        return probs.copy()
-    if method == "moving":
-        half = window // 2
-        weights = np.ones(2 * half + 1)
-    elif method == "gaussian":
-        half = max(1, int(round(3 * sigma)))
-        weights = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
-    else:
-        raise ValueError(f"smoothing must be none, moving or gaussian, got {method!r}")
-    out = np.zeros_like(probs)
-    t = len(probs)
-    for i in range(t):
-        lo, hi = max(0, i - half), min(t, i + half + 1)
-        w = weights[lo - i + half: hi - i + half]
-        out[i] = (w[:, None] * probs[lo:hi]).sum(0) / w.sum()
-    return out
+def video_name(path) -> str:
+    """A video's id in outputs: the file's stem, or a frame folder's name."""
+    return Path(path).stem if Path(path).is_file() else Path(path).name

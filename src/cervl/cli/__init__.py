@@ -1,0 +1,304 @@
+"""The ``cervl`` command line: one sub-command per pipeline stage; argument parsing and printing only.
+
+Every sub-command calls one library function. A :class:`~cervl.errors.UserError` (bad config, data
+or input file) and an operating-system error (missing permission, full disk, port in use) print as
+one ``error:`` line with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from cervl.cli.parser import build_parser
+from cervl.errors import UserError
+
+log = logging.getLogger("cervl")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(d.items(), key=lambda kv: str(kv[0])))
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def _run_synth(args) -> int:
+    from cervl.data.synth import SUBSETS, generate
+
+    subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
+    if [s for s in subsets if s not in SUBSETS] or args.per_class < 1:
+        raise UserError(f"--subsets must be drawn from {list(SUBSETS)}, --per-class >= 1 (got {args.subsets!r}, "
+                        f"{args.per_class})")
+    summary = generate(args.out, per_class=args.per_class, seed=args.seed, test_fraction=args.test_fraction,
+                       subsets=subsets, original_size=args.original_size, aligned_size=args.size, workers=args.workers)
+    for subset, info in summary["subsets"].items():
+        print(f"{subset}: {info['samples']} samples ({info['train']} train, {info['test']} test) in "
+              f"{args.out / subset}; sample sheet {args.out / f'sample_sheet_{subset}.png'}")
+    print(f"{summary['samples_per_second']:.0f} samples/s ({2 * summary['samples_per_second']:.0f} images/s, "
+          f"original + aligned) with {args.workers} worker(s)")
+    return 0
+
+
+def _run_prepare(args) -> int:
+    from cervl.data.prepare import prepare_dataset
+
+    res = prepare_dataset(args.dataset, args.root, args.out, skip_bad=args.skip_bad, val_fraction=args.val_fraction,
+                          check_images=args.check_images, subset=args.subset, variant=args.variant,
+                          annotations=args.annotations, frames=args.frames, every=args.every,
+                          label_set=args.label_set, split=args.split)
+    print(f"wrote {res.records} records to {res.manifest} ({_counts(res.splits)})")
+    print(f"labels: {_counts(res.labels)}")
+    if res.missing_frames:
+        print(f"{res.missing_frames} annotated frames had no image file and are not in the manifest")
+    if res.duplicates_dropped:
+        print(f"dropped {res.duplicates_dropped} exact duplicate samples")
+    if res.bad.total:
+        print(res.bad.summary() + (f"; first offenders in {res.sidecar}" if res.sidecar else ""))
+    return 0
+
+
+def _run_align(args) -> int:
+    from cervl.faces.dataset import align_images, align_videos, list_video_inputs
+    from cervl.faces.video import is_video
+
+    if args.videos or (args.input.is_file() and is_video(args.input)):
+        summary = align_videos(list_video_inputs(args.input), args.out, label_set=args.label_set, split=args.split,
+                               size=args.size, every=args.every, **_face_kwargs(args), **_tracking(args))
+        lost = sum(v.get("lost", 0) for v in summary["per_video"].values())
+        print(f"{summary['videos']} videos -> {summary['crops']} aligned frames in {args.out / 'frames'} ({lost} "
+              f"frames without a face, {len(summary['failed'])} videos failed)")
+    else:
+        summary = align_images(args.input, args.out, label_set=args.label_set, split=args.split, size=args.size,
+                               faces=args.faces, fallback=args.fallback, batch_size=args.batch_size,
+                               **_face_kwargs(args))
+        print(f"{summary['inputs']} images -> {summary['crops']} aligned crops in {args.out / 'crops'}; status: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(summary["status"].items())))
+    print(f"manifest: {args.out / 'manifest.jsonl'}")
+    return 0
+
+
+# --- training --------------------------------------------------------------------------------
+
+def _run_train(args) -> int:
+    from cervl.config import load_config
+    from cervl.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.skip_bad:
+        cfg.skip_bad = True
+    _print_train_result(train(cfg, progress=args.progress))
+    return 0
+
+
+def _print_train_result(result: dict) -> None:
+    for name, ev in result["stages"].items():
+        if ev:
+            print(f"stage {name}: val accuracy {ev['accuracy']:.2%}, macro-F1 {ev['macro_f1']:.3f} (n={ev['n']})")
+    test = result.get("test")
+    if test:
+        print(f"test accuracy ({test['label_set']}, {test['n']} samples): {test['accuracy']:.2%}, "
+              f"macro-F1 {test['macro_f1']:.3f}, top-2 {test['top2_accuracy']:.2%}")
+        print(f"report: {test['report']}")
+    print(f"run directory: {result['run_dir']}")
+
+
+def _run_ablate(args) -> int:
+    from cervl.ablate import run_ablation
+
+    md = run_ablation(args.grid, progress=args.progress)
+    print(md.read_text())
+    print(f"ablation report: {md.with_suffix('.html')}")
+    return 0
+
+
+def _run_demo(args) -> int:
+    from cervl.config import load_config
+    from cervl.data.prepare import prepare_synthce
+    from cervl.train import train
+
+    t0 = time.perf_counter()
+    if args.rebuild_base:
+        _run_pretrain_tiny(build_parser().parse_args(["pretrain-tiny"]))
+    cfg = load_config(args.config, args.overrides)
+    manifests = Path(cfg.test.manifest).parent  # the recipe's manifests live in runs/demo/manifests
+    prepare_synthce(manifests.parent / "synthce", manifests, per_class=args.per_class, seed=0)
+    print(f"SynthCE manifests in {manifests}")
+    if args.data_only:
+        return 0
+    result = train(cfg)
+    _print_train_result(result)
+    test = result.get("test")
+    if test:
+        print(f"\nDEMO: stage-2 compound accuracy on the SynthCE test split (aligned): {test['accuracy']:.2%} "
+              f"(chance {1 / len(test['confusion']):.0%}); total time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _run_pretrain_tiny(args) -> int:
+    from cervl.pretrain_tiny import pretrain_tiny
+
+    out = pretrain_tiny(args.config, args.overrides, per_class=args.per_class, out=args.out, workers=args.workers,
+                        warmup_steps=args.warmup_steps)
+    print(f"tiny base written to {out}")
+    return 0
+
+
+# --- prediction ------------------------------------------------------------------------------
+
+def _run_predict(args) -> int:
+    from cervl.faces.video import is_video
+    from cervl.predict import Predictor, write_predictions
+    from cervl.predict.predictor import align_items, items_from_manifest, items_from_paths
+
+    is_vid = [(p.is_file() and is_video(p)) or (p.is_dir() and args.frames_as_video) for p in args.inputs]
+    videos = [p for p, v in zip(args.inputs, is_vid) if v]
+    items = items_from_manifest(args.manifest, args.split) if args.manifest else []
+    items += items_from_paths([p for p, v in zip(args.inputs, is_vid) if not v])
+    if not items and not videos:
+        raise UserError("nothing to predict: give image files/folders, videos or --manifest (with a non-empty --split)")
+    predictor = Predictor.from_run(args.run)
+    if items and args.align:
+        align_items(items, detector=args.detector, detector_options=_detector_options(args), workers=args.workers)
+    rows = list(predictor.predict(items, mode=args.mode, batch_size=args.batch_size, normalize=args.normalize))
+    rows += _predict_videos(args, predictor, videos)
+    write_predictions(args.out, rows, {"run": str(args.run), "mode": args.mode, "normalize": args.normalize,
+                                       "label_set": predictor.label_set.name, "prompt": predictor.style.name,
+                                       "manifest": str(args.manifest) if args.manifest else None})
+    unreadable = sum(1 for r in rows if r.get("error") and "face" not in r)
+    no_face = sum(1 for r in rows if r.get("error") and "face" in r)
+    invalid = sum(1 for r in rows if r["pred"] is None and not r.get("error"))
+    print(f"wrote {len(rows)} predictions to {args.out} ({unreadable} unreadable images, "
+          + (f"{no_face} without a face, " if args.align else "") + f"{invalid} invalid answers)")
+    return 0
+
+
+def _predict_videos(args, predictor, videos: list[Path]) -> list[dict]:
+    from cervl.predict.video import plot_video_probs, predict_videos
+
+    if videos and args.mode != "score":
+        raise UserError("video prediction uses --mode score (per-frame probabilities are smoothed over time)")
+    per_video: dict[int, list[dict]] = {}
+    for i, result in predict_videos(predictor, videos, detector=args.detector, detector_options=_detector_options(args),
+                                    workers=args.workers, every=args.every, smoothing=args.smoothing,
+                                    window=args.window, sigma=args.sigma, batch_size=args.batch_size,
+                                    **_tracking(args)) if videos else ():
+        v = videos[i]
+        if isinstance(result, str):
+            log.error("video %s: %s", v, result)
+            per_video[i] = [{"video": v.stem, "image": str(v), "pred": None, "error": result}]
+            continue
+        print(f"{v}: {len(result)} frames predicted ({sum(r['status'] == 'lost' for r in result)} without a face)")
+        if args.plot:
+            png = plot_video_probs(result, predictor.label_set.classes, Path(f"{args.out}.{result[0]['video']}.png"))
+            print(f"  plot: {png}")
+        per_video[i] = [{**r, "image": str(v)} for r in result]
+    return [r for i in sorted(per_video) for r in per_video[i]]  # input order, whatever finished first
+
+
+def _run_abaw(args) -> int:
+    from cervl.abaw import abaw_submission
+    from cervl.predict import Predictor
+
+    sub = abaw_submission(Predictor.from_run(args.run), args.root, args.out, every=args.every,
+                          smoothing=args.smoothing, **_face_kwargs(args), **_tracking(args))
+    print(f"wrote {sub.rows} frame predictions for {sub.videos} videos to {sub.path}")
+    if sub.failed:
+        print(f"failed: {sub.failed}")
+    return 0 if not sub.failed else 1
+
+
+def _run_eval(args) -> int:
+    from cervl.report import evaluate_predictions
+
+    m = evaluate_predictions(args.predictions, args.out, label_set=args.label_set, title=args.title)
+    print(f"accuracy {m['accuracy']:.2%}, macro-F1 {m['macro_f1']:.3f}, invalid {m['invalid_rate']:.2%} "
+          f"(n={m['n']}); report: {m['report']}")
+    return 0
+
+
+def _run_compare(args) -> int:
+    from cervl.report import write_comparison
+
+    if len(args.reports) < 2:
+        raise UserError("compare needs at least two reports")
+    print(write_comparison(args.reports, args.out, args.names.split(",") if args.names else None).read_text())
+    return 0
+
+
+def _run_serve(args) -> int:
+    from cervl.faces.pipeline import FaceAligner
+    from cervl.predict import Predictor
+    from cervl.serve import serve
+
+    # only the largest face is scored, so the largest-first search (same face, less latency) suffices
+    aligner = FaceAligner("mtcnn", search="largest") if args.align else None
+    print(f"serving {args.run} on http://{args.host}:{args.port}")
+    serve(Predictor.from_run(args.run), host=args.host, port=args.port, aligner=aligner)
+    return 0
+
+
+def _run_labels(args) -> int:
+    from cervl.labels import LABEL_SETS, get_label_set
+
+    if args.name is None:
+        for s in LABEL_SETS.values():
+            print(f"{s.name:16s} {len(s):2d} classes  {s.description}")
+        return 0
+    s = get_label_set(args.name)
+    print(json.dumps({"name": s.name, "classes": list(s.classes), "id_to_name": s.id_to_name}, indent=2))
+    return 0
+
+
+# --- shared option groups --------------------------------------------------------------------
+
+def _detector_options(args) -> dict:
+    if args.detector == "mtcnn":
+        return {"max_side": args.detect_side or None, "min_face_size": args.min_face, "search": args.face_search}
+    return {"model_path": args.detector_model}
+
+
+def _face_kwargs(args) -> dict:
+    return {"detector": args.detector, "detector_options": _detector_options(args), "workers": args.workers}
+
+
+def _tracking(args) -> dict:
+    return {"redetect_every": args.redetect_every, "verify_every": args.verify_every}
+
+
+COMMANDS = {"synth": _run_synth, "prepare": _run_prepare, "align": _run_align, "train": _run_train,
+            "predict": _run_predict, "abaw": _run_abaw, "eval": _run_eval, "compare": _run_compare,
+            "ablate": _run_ablate, "serve": _run_serve, "labels": _run_labels, "demo": _run_demo,
+            "pretrain-tiny": _run_pretrain_tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after flags (argparse stops filling a nargs="*" positional there)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permission, full disk, a folder where a file was expected, a port in use
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m cervl.cli`` (e.g. under torchrun)."""
+
+import sys
+
+from cervl.cli import main
+
+sys.exit(main())

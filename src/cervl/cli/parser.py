@@ -1,0 +1,163 @@
+"""The argument parser of ``cervl``: one sub-command per pipeline stage (see :mod:`cervl.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPO_CONFIGS = Path("configs")  # relative: `make demo` runs from the repository root; elsewhere pass --config
+
+
+def _face_options(p, *, video: bool = True) -> None:
+    """Detector options shared by predict, abaw and align."""
+    p.add_argument("--detector", default="mtcnn", help="face detector: mtcnn (default, offline) or yunet")
+    p.add_argument("--detect-side", type=int, default=640, help="mtcnn: search faces on a copy with this longest "
+                   "side (landmarks still come from the full-resolution image); 0 = full size. Default 640")
+    p.add_argument("--min-face", type=int, default=20, help="mtcnn: smallest face, in pixels of that copy")
+    p.add_argument("--face-search", default="all", choices=["all", "largest"],
+                   help="mtcnn: 'all' searches every face size (default); 'largest' stops once the largest face is "
+                        "certain (same largest face, 2-10x faster on photos with large faces)")
+    p.add_argument("--detector-model", help="yunet: path of face_detection_yunet_2023mar.onnx")
+    p.add_argument("--workers", type=int, default=1, help="preprocess in this many processes, one core each: photos "
+                   "are aligned in parallel; videos are decoded, tracked and aligned one per process")
+    if video:
+        p.add_argument("--redetect-every", type=int, default=120,
+                       help="videos: full face detection every N sampled frames (and whenever the face is lost)")
+        p.add_argument("--verify-every", type=int, default=10, help="videos: re-locate the face with O-Net every N "
+                       "frames; optical flow in between (1 = O-Net on every frame)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cervl", description="Compound Expression Recognition with large Vision-Language models")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    p = add("synth", help="generate the SynthCE synthetic compound-expression dataset")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+    p.add_argument("--per-class", type=int, default=100, help="samples per class and subset (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of each class named test_*")
+    p.add_argument("--subsets", default="basic,compound", help="comma list of basic,compound")
+    p.add_argument("--size", type=int, default=112, help="aligned crop size in pixels (default 112)")
+    p.add_argument("--original-size", type=int, default=192, help="original image size in pixels (default 192)")
+    p.add_argument("--workers", type=int, default=1, help="processes (output is identical for any value)")
+
+    p = add("prepare", help="read a dataset in its real layout and write a manifest",
+            description="Datasets: rafdb, affwild2, cexprdb, folder, csv. See README for layouts.")
+    p.add_argument("dataset", help="rafdb | affwild2 | cexprdb | folder | csv")
+    p.add_argument("root", type=Path, help="dataset root (for csv: the CSV file)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="manifest to write (.jsonl)")
+    p.add_argument("--subset", help="rafdb: basic (default) | compound")
+    p.add_argument("--variant", help="rafdb: aligned (default) | original")
+    p.add_argument("--annotations", help="affwild2/cexprdb: annotation folder (relative to ROOT or absolute)")
+    p.add_argument("--frames", help="affwild2: frame folder (default ROOT/cropped_aligned)")
+    p.add_argument("--every", type=int, help="affwild2/cexprdb: keep every Nth frame (default 1)")
+    p.add_argument("--label-set", help="folder/csv: label set (default: inferred from the labels)")
+    p.add_argument("--split", help="split for datasets without one (train | val | test)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="move this fraction of train to val, deterministically (per video for video data)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad samples, summarise them and write the first "
+                   "offenders to MANIFEST.bad.jsonl instead of stopping")
+    p.add_argument("--no-check-images", dest="check_images", action="store_false",
+                   help="do not open every image to check it decodes (faster on huge frame sets)")
+
+    p = add("align", help="detect faces and write 5-point aligned crops plus a manifest",
+            description="INPUT is a folder of images or a manifest (known landmarks are used instead of "
+                        "detection), a video file, or with --videos a folder of videos and frame folders "
+                        "(OUT/frames/<video>/<frame:05d>.jpg, the Aff-Wild2 cropped_aligned layout).")
+    p.add_argument("input", type=Path)
+    p.add_argument("--videos", action="store_true", help="INPUT is a folder of videos and frame folders")
+    p.add_argument("--every", type=int, default=1, help="videos: align every Nth frame (default 1)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (crops, manifest.jsonl, summary.json)")
+    p.add_argument("--size", type=int, default=112, help="crop size (default 112, the 5-point template size)")
+    _face_options(p)
+    p.add_argument("--faces", default="largest", choices=["largest", "all"])
+    p.add_argument("--fallback", default="skip", choices=["skip", "center"], help="when no face is found")
+    p.add_argument("--label-set", default="basic-7", help="label set of the output records for folder input")
+    p.add_argument("--split", default="test", help="split of the output records for folder input")
+    p.add_argument("--batch-size", type=int, default=8)
+
+    p = add("train", help="run a staged training recipe (YAML) and evaluate it", description="Re-running the same "
+            "command resumes: finished stages are reused and an interrupted stage continues from its checkpoint.")
+    p.add_argument("config", type=Path, help="recipe YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.1.lr=5e-5 output_dir=runs/x")
+    p.add_argument("--skip-bad", action="store_true", help="train without the images that fail the pre-flight check")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = add("predict", help="predict expressions with a trained run (score or generate mode)")
+    p.add_argument("inputs", nargs="*", type=Path, help="image files, folders of images, or videos")
+    p.add_argument("--run", required=True, type=Path, help="run directory written by cervl train")
+    p.add_argument("--manifest", type=Path, help="predict the records of a manifest")
+    p.add_argument("--split", action="append", help="manifest split(s) to predict (default: all)")
+    p.add_argument("--mode", default="score", choices=["score", "generate"])
+    p.add_argument("--normalize", default="sum", choices=["sum", "mean"],
+                   help="score mode: sum (default) or mean log-likelihood over the answer tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--align", action="store_true", help="detect and align faces in photos before predicting")
+    _face_options(p)
+    p.add_argument("--frames-as-video", action="store_true", help="treat each input folder as one video's frames")
+    p.add_argument("--every", type=int, default=1, help="videos: predict every Nth frame")
+    p.add_argument("--smoothing", default="gaussian", choices=["none", "moving", "gaussian"])
+    p.add_argument("--window", type=int, default=5, help="moving-average window (frames)")
+    p.add_argument("--sigma", type=float, default=1.5, help="Gaussian smoothing sigma (frames)")
+    p.add_argument("--plot", action="store_true", help="videos: write <out>.<video>.png of probabilities over time")
+    p.add_argument("-o", "--out", required=True, type=Path, help="predictions JSONL")
+
+    p = add("abaw", help="ABAW compound-expression submission file for a folder of C-EXPR-DB videos",
+            description="ROOT holds the test videos or one folder of frames per video. Every frame gets a line "
+                        "<video>/<frame:05d>.jpg,<0-6> (1-based frames).")
+    p.add_argument("root", type=Path)
+    p.add_argument("--run", required=True, type=Path, help="a run trained with label set cexprdb (or a superset)")
+    p.add_argument("-o", "--out", required=True, type=Path)
+    p.add_argument("--every", type=int, default=1, help="score every Nth frame; others take the nearest score")
+    p.add_argument("--smoothing", default="gaussian", choices=["none", "moving", "gaussian"])
+    _face_options(p)
+
+    p = add("eval", help="metrics, plots and an HTML report from a predictions JSONL")
+    p.add_argument("predictions", type=Path)
+    p.add_argument("-o", "--out", required=True, type=Path, help="report folder")
+    p.add_argument("--label-set", help="default: from PREDICTIONS.meta.json")
+    p.add_argument("--title", default=None)
+
+    p = add("compare", help="compare two or more eval reports side by side (per-class deltas)")
+    p.add_argument("reports", nargs="+", type=Path, help="report folders written by cervl eval")
+    p.add_argument("--names", help="comma-separated column names (default: folder names)")
+    p.add_argument("-o", "--out", required=True, type=Path)
+
+    p = add("ablate", help="run an ablation grid (YAML) and write one comparison table and plot")
+    p.add_argument("grid", type=Path, help="ablation YAML, e.g. configs/ablation-quickstart.yaml")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = add("serve", help="serve a trained run over HTTP (GET /health, POST /predict)")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--align", action="store_true", help="enable ?align=1 (MTCNN + alignment of the largest face)")
+
+    p = add("labels", help="list label sets, or show one as JSON")
+    p.add_argument("name", nargs="?", help="a label set name (default: list them)")
+
+    p = add("demo", help="run the embedded default end to end (SynthCE + tiny base, offline)",
+            description="Generates SynthCE into runs/demo/, prepares manifests, then runs configs/quickstart.yaml "
+                        "(two LoRA stages) and reports the test accuracy.")
+    p.add_argument("--config", type=Path, default=REPO_CONFIGS / "quickstart.yaml")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--data-only", action="store_true", help="only generate and prepare the data")
+    p.add_argument("--rebuild-base", action="store_true", help="first rebuild the shipped tiny base (~12 min)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the recipe")
+
+    p = add("pretrain-tiny", help="rebuild the tiny pretrained base (AU-caption pretraining)",
+            description="Generates a separate SynthCE (seed 1000), warms up the vision tower on AU intensities, "
+                        "then fine-tunes tiny-qwen2-vl on AU captions (configs/pretrain-tiny.yaml). Writes to --out, "
+                        "which must be new, empty, or a tiny base written by this command.")
+    p.add_argument("--config", type=Path, default=REPO_CONFIGS / "pretrain-tiny.yaml")
+    p.add_argument("--per-class", type=int, default=300)
+    p.add_argument("--out", type=Path, default=Path("runs/pretrain-tiny/tiny-base"),
+                   help="output folder (default runs/pretrain-tiny/tiny-base; the package's own copy is "
+                        "src/cervl/assets/tiny-base)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--warmup-steps", type=int, default=400, help="vision warm-up steps (phase 1)")
+    p.add_argument("overrides", nargs="*")
+    return parser

@@ -1,0 +1,62 @@
+"""Evaluation of a model on a labelled manifest split: quick metrics during training, and the test report.
+
+:func:`evaluate` gives accuracy, macro-F1 and the confusion matrix (stage validation);
+:func:`test_report` scores the held-out split, writes ``test_predictions.jsonl`` and the report
+folder (metrics.json, report.md/html, plots).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cervl.data.mixture import Sample, load_samples
+from cervl.labels import LabelSet
+from cervl.metrics import accuracy, confusion_matrix, macro_f1
+from cervl.predict.predictor import Item, Predictor, write_predictions
+from cervl.predict.scoring import score_labels
+from cervl.prompts import PromptStyle
+from cervl.report import evaluate_predictions
+
+
+def subsample(samples: list[Sample], max_samples: int) -> list[Sample]:
+    """At most ``max_samples`` samples, the same ones every time (seed 0), in manifest order."""
+    if not max_samples or len(samples) <= max_samples:
+        return samples
+    idx = np.random.default_rng(0).choice(len(samples), max_samples, replace=False)
+    return [samples[i] for i in sorted(idx)]
+
+
+def evaluate(model, processor, style: PromptStyle, label_set: LabelSet, manifest: str, splits: list[str], *,
+             max_samples: int = 0, progress: bool = False) -> dict:
+    """Accuracy and macro-F1 of constrained scoring on a labelled manifest split."""
+    samples = subsample(load_samples(manifest, splits, label_set), max_samples)
+    was_training = model.training
+    probs = score_labels(model, processor, style, label_set, [s.path for s in samples], progress=progress)
+    model.train(was_training)
+    y_true = np.array([label_set.index_of[s.record.label] for s in samples])
+    y_pred = probs.argmax(1)
+    return {"manifest": str(manifest), "splits": splits, "n": len(samples), "label_set": label_set.name,
+            "accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred, len(label_set)),
+            "confusion": confusion_matrix(y_true, y_pred, len(label_set)).tolist()}
+
+
+def test_report(predictor: Predictor, manifest: str, splits: list[str], out_dir: Path, *, max_samples: int = 0,
+                title: str = "", progress: bool = True) -> dict:
+    """Score a test split, write ``test_predictions.jsonl`` (+ meta) and the report folder; return the metrics."""
+    label_set = predictor.label_set
+    samples = subsample(load_samples(manifest, splits, label_set), max_samples)
+    items = [Item(id=s.record.sample_id, image=s.path, label=s.record.label, video=s.record.video,
+                  frame=s.record.frame) for s in samples]
+    rows = list(predictor.predict(items, mode="score", progress=progress))
+    out_dir = Path(out_dir)
+    pred_path = out_dir / "test_predictions.jsonl"
+    write_predictions(pred_path, rows, {"mode": "score", "normalize": "sum", "label_set": label_set.name,
+                                        "prompt": predictor.style.name, "manifest": str(manifest), "splits": splits})
+    metrics = evaluate_predictions(pred_path, out_dir / "report",
+                                   title=title or f"{Path(manifest).name} {'+'.join(splits)}")
+    return {"label_set": label_set.name, "predictions": str(pred_path), **metrics}
+
+
+__all__ = ["evaluate", "test_report", "subsample"]
