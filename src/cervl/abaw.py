@@ -16,7 +16,7 @@ import numpy as np
 
 from cervl.data.manifest import atomic_write_text
 from cervl.errors import InvalidInput
-from cervl.faces.video import frame_numbers, is_video
+from cervl.faces.video import frame_numbers, list_videos
 from cervl.labels import LabelSet, get_label_set
 from cervl.predict.predictor import Predictor
 from cervl.predict.video import predict_videos
@@ -62,17 +62,6 @@ def fill_every_frame(scored: list[dict], video) -> list[dict]:
         near = min((k for k in keys[max(0, i - 1): i + 1]), key=lambda k: abs(k - n))
         out.append({**by_frame[near], "frame": n})
     return out
-
-
-def list_videos(root: Path) -> list[Path]:
-    """The test videos (files) and frame folders (sub-folders) directly in ``root``, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InvalidInput(f"{root} is not a folder of videos")
-    inputs = sorted(p for p in root.iterdir() if (p.is_file() and is_video(p)) or p.is_dir())
-    if not inputs:
-        raise InvalidInput(f"no videos or frame folders in {root}")
-    return inputs
 
 
 def abaw_submission(predictor: Predictor, root: Path, out: Path, *, every: int = 1, smoothing: str = "gaussian",

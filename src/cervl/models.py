@@ -80,7 +80,7 @@ FAMILIES: dict[str, Family] = {
 
 def get_family(model_type: str) -> Family:
     """The Qwen-VL family for a config's ``model_type``."""
-    return lookup(FAMILIES, model_type, "model_type (cervl supports Qwen-VL families only)")
+    return lookup(FAMILIES, model_type, "model_type")  # Qwen-VL families only; never remote code
 
 
 def _transformers_attr(name: str):
@@ -288,6 +288,15 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | None = None, att
     """
     if str(name_or_path) in TINY_PRESETS:
         raise InvalidInput(f"{name_or_path!r} is a tiny preset: build it with build_tiny()")
+    local_config = Path(name_or_path) / "config.json"
+    if local_config.is_file():  # check the family before transformers sees the folder (custom code, auto_map)
+        import json
+
+        try:
+            model_type = json.loads(local_config.read_text()).get("model_type")
+        except ValueError as e:
+            raise InvalidInput(f"{local_config}: not valid JSON ({e})") from None
+        get_family(str(model_type))
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     except ValueError as e:  # an unknown model_type (or auto_map custom code): never run remote code

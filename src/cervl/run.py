@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -303,6 +304,8 @@ def save_final(model, processor, meta: RunMeta, run_dir: Path) -> Path:
     """
     run_dir = Path(run_dir)
     final, tmp, old = run_dir / "final", run_dir / ".final.tmp", run_dir / ".final.old"
+    if not final.exists() and (old / RUN_META).is_file():
+        os.replace(old, final)  # an earlier save was killed between its renames: that copy is complete
     if final.is_dir() and any(final.iterdir()) and not (final / RUN_META).is_file():
         raise InvalidInput(f"{final} holds files cervl did not write (no {RUN_META}); move them away first")
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftovers from a killed save
@@ -314,9 +317,22 @@ def save_final(model, processor, meta: RunMeta, run_dir: Path) -> Path:
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        _test_kill("final-swap")
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _test_kill(point: str) -> None:
+    """Tests set CERVL_TEST_KILL_AT=<point> to SIGKILL the process there (crash-safety tests)."""
+    if os.environ.get("CERVL_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_checkpoints(stage_folder: Path) -> None:
+    """A finished stage's checkpoints (its output replaces them); they are cervl's own files."""
+    for name in ("checkpoint", ".checkpoint.old", ".checkpoint.tmp"):
+        shutil.rmtree(Path(stage_folder) / name, ignore_errors=True)
 
 
 def load_run(run_dir: str | Path, *, dtype: str | None = None):

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build
                           load_model, lora_target_regex, merge_lora, save_model)
 from cervl.predict.predictor import Predictor
 from cervl.run import (EXTRA, RunLock, RunMeta, apply_stage, base_entry, base_weights, check_config, claim_run_dir,
-                       relative, save_final, stage_dir, write_json)
+                       relative, remove_checkpoints, save_final, stage_dir, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, accelerator, bad: set, progress
         if (sdir / "DONE.json").is_file():
             info = json.loads((sdir / "DONE.json").read_text())
             log.info("stage %s already finished; reusing %s", stage.name, sdir)
+            if accelerator.is_main_process:
+                remove_checkpoints(sdir)  # left behind if a kill came between DONE.json and the clean-up
             model = apply_stage(model, info, run_dir)
         else:
             trainer = StageTrainer(model, processor, cfg, index, stage, run_dir, accelerator, bad, progress=progress)
@@ -129,7 +130,7 @@ def check_data(cfg: RunConfig, *, progress: bool = False) -> dict[str, str]:
         load_samples(cfg.test.manifest, cfg.test.splits, cfg.stages[-1].labels)  # images: error rows at test time
     bad = check_images(list(paths), progress=progress)
     if bad and not cfg.skip_bad:
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in list(bad.items())[:50])
+        listing = "\n".join(f"  {reason}" for reason in list(bad.values())[:50])  # each reason names its file
         more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
         raise UserError(f"{len(bad)} of {len(paths)} training/eval images cannot be used:\n{listing}{more}\n"
                         f"fix or remove them, or set skip_bad=true to train without them")
@@ -400,7 +401,7 @@ class StageTrainer:
             assert_finite_weights(self.model, f"stage {stage.name}")
             self._save_output()
             write_json(self.dir / "DONE.json", info)
-            shutil.rmtree(self.dir / "checkpoint", ignore_errors=True)  # the stage's output replaces it
+            remove_checkpoints(self.dir)
         self.acc.wait_for_everyone()
         self.metrics.close()
         model = merge_lora(self.model) if stage.method == "lora" else self.model

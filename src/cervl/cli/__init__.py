@@ -7,7 +7,6 @@ one ``error:`` line with exit status 2; anything else is a bug and keeps its tra
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -126,9 +125,12 @@ def _run_demo(args) -> int:
     from cervl.train import train
 
     t0 = time.perf_counter()
-    if args.rebuild_base:
-        _run_pretrain_tiny(build_parser().parse_args(["pretrain-tiny"]))
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.rebuild_base:  # train from a freshly built base instead of the one shipped in the package
+        base = Path("runs/pretrain-tiny/tiny-base")
+        _run_pretrain_tiny(build_parser().parse_args(["pretrain-tiny", "--out", str(base)]))
+        overrides.append(f"model.name={base.resolve()}")
+    cfg = load_config(args.config, overrides)
     manifests = Path(cfg.test.manifest).parent  # the recipe's manifests live in runs/demo/manifests
     prepare_synthce(manifests.parent / "synthce", manifests, per_class=args.per_class, seed=0)
     print(f"SynthCE manifests in {manifests}")

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=REPO_CONFIGS / "quickstart.yaml")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--data-only", action="store_true", help="only generate and prepare the data")
-    p.add_argument("--rebuild-base", action="store_true", help="first rebuild the shipped tiny base (~12 min)")
+    p.add_argument("--rebuild-base", action="store_true", help="first rebuild the tiny base with pretrain-tiny "
+                   "into runs/pretrain-tiny/tiny-base (~12 min) and train from it")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the recipe")
 
     p = add("pretrain-tiny", help="rebuild the tiny pretrained base (AU-caption pretraining)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cervl.data.base import BadInputs, Reader, check_image, parse_int, read_label_lines
+from cervl.data.base import BadInputs, Reader, parse_int, read_label_lines
 from cervl.errors import InvalidInput
 from cervl.data.manifest import ManifestError, Record
 from cervl.labels import LabelSet, get_label_set, normalize_name
@@ -106,11 +106,7 @@ class AffWild2Reader(Reader):
             if not path.is_file():
                 self.missing_frames += 1
                 continue
-            try:
-                if self.check_images:
-                    check_image(path, source=ann, line=lineno)
-            except ManifestError as err:
-                self.bad.report(err)
+            if not self.image_ok(path, source=ann, line=lineno):
                 continue
             out.append(Record(image=rel.as_posix(), label=label, label_set=self.label_set.name,
                               split=self.split, dataset=self.name, id=f"{video}/{frame:05d}", video=video,

@@ -81,6 +81,18 @@ class Reader:
     def read(self) -> list[Record]:
         raise NotImplementedError
 
+    def image_ok(self, path: Path, *, source: str | Path | None = None, line: int | None = None) -> bool:
+        """Check that an image decodes (unless ``check_images`` is off); a bad one is reported to
+        :attr:`bad` (which raises, or counts it with ``--skip-bad``) and False is returned."""
+        if not self.check_images:
+            return True
+        try:
+            check_image(path, source=source, line=line)
+        except ManifestError as err:
+            self.bad.report(err)
+            return False
+        return True
+
     @classmethod
     def check_options(cls, options: dict) -> None:
         """Refuse options this reader does not take, naming the ones it does."""

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from cervl.data.affwild2 import read_frame_annotations
-from cervl.data.base import IMAGE_SUFFIXES, Reader, check_image
+from cervl.data.base import IMAGE_SUFFIXES, Reader
 from cervl.errors import InvalidInput
 from cervl.data.manifest import ManifestError, Record
 from cervl.labels import get_label_set
@@ -63,11 +63,7 @@ class CexprdbReader(Reader):
                     if frame not in labels or labels[frame] is None:
                         continue
                     label = labels[frame]
-                try:
-                    if self.check_images:
-                        check_image(path)
-                except ManifestError as err:
-                    self.bad.report(err)
+                if not self.image_ok(path):
                     continue
                 records.append(Record(image=path.relative_to(self.root).as_posix(), label=label,
                                       label_set="cexprdb", split=self.split, dataset=self.name,

@@ -7,11 +7,27 @@ means unlabelled.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from cervl.data.base import Reader, check_image
 from cervl.data.manifest import SPLITS, ManifestError, Record
 from cervl.labels import LabelSet, get_label_set, label_set_containing, resolve_name
+
+
+def read_utf8(path: Path) -> str:
+    """A text file as UTF-8 (a byte-order mark is accepted); any other encoding is one clear error."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ManifestError("the file is UTF-16 (it starts with a UTF-16 byte-order mark); re-save it as UTF-8",
+                            file=path, line=1, reason="bad_encoding")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ManifestError(f"not UTF-8: byte 0x{data[e.start]:02x} at byte position {e.start} cannot be decoded "
+                            f"(latin-1 or another encoding?); re-save the file as UTF-8", file=path, line=line,
+                            reason="bad_encoding") from None
 
 
 class CsvReader(Reader):
@@ -32,8 +48,7 @@ class CsvReader(Reader):
     def read(self) -> list[Record]:
         if not self.path.is_file():
             raise ManifestError("CSV file not found", file=self.path, reason="missing_file")
-        with self.path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
+        rows = list(csv.reader(io.StringIO(read_utf8(self.path), newline="")))
         if not rows:
             raise ManifestError("empty CSV file", file=self.path, line=1, reason="malformed_line")
         header = [h.strip().lower() for h in rows[0]]

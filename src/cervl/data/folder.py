@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cervl.data.base import IMAGE_SUFFIXES, Reader, check_image
+from cervl.data.base import IMAGE_SUFFIXES, Reader
 from cervl.data.manifest import SPLITS, ManifestError, Record
 from cervl.labels import get_label_set, label_set_containing, resolve_name
 
@@ -45,11 +45,7 @@ class FolderReader(Reader):
                 raise ManifestError(f"class {label!r} is not in label set {label_set.name!r}", file=d,
                                     field="label", reason="unknown_label")
             for path in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-                try:
-                    if self.check_images:
-                        check_image(path)
-                except ManifestError as err:
-                    self.bad.report(err)
+                if not self.image_ok(path):
                     continue
                 records.append(Record(image=path.relative_to(self.root).as_posix(), label=label,
                                       label_set=label_set.name, split=split, dataset=self.name))

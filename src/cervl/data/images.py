@@ -75,7 +75,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def check_image(path: str | os.PathLike) -> str | None:
+def image_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be used for training, or None: a full decode (truncation shows only there)."""
     try:
         load_rgb(path)
@@ -90,7 +90,7 @@ def check_images(paths: list, *, progress: bool = False) -> dict:
 
     bad = {}
     for p in tqdm(paths, desc="checking images", unit="img", disable=not progress, leave=False):
-        reason = check_image(p)
+        reason = image_problem(p)
         if reason:
             bad[p] = reason
     return bad

@@ -21,7 +21,7 @@ from cervl.data.base import IMAGE_SUFFIXES
 from cervl.data.manifest import Record, atomic_write_text, read_manifest, write_manifest
 from cervl.errors import InputNotFound, InvalidInput
 from cervl.faces.pipeline import align_files
-from cervl.faces.video import is_video, many_video_faces, video_name
+from cervl.faces.video import list_videos, many_video_faces, video_name
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,14 @@ def align_images(source: Path, out: Path, *, label_set: str = "basic-7", split: 
     return summary
 
 
-def list_video_inputs(source: Path, *, folder_of_videos: bool = True) -> list[Path]:
+def list_video_inputs(source: Path) -> list[Path]:
     """A video file, or the videos (files) and frame folders (sub-folders) directly inside ``source``."""
     source = Path(source)
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise InputNotFound(f"input not found: {source}")
-    videos = sorted(p for p in source.iterdir() if (p.is_file() and is_video(p)) or p.is_dir())
-    if not videos:
-        raise InvalidInput(f"no videos or frame folders in {source}")
-    return videos
+    return list_videos(source)
 
 
 def align_videos(videos: list[Path], out: Path, *, label_set: str = "basic-7", split: str = "test",

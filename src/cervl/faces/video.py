@@ -294,6 +294,17 @@ def track_faces(frames: Iterable[tuple[int, np.ndarray]], detector: FaceDetector
             yield FrameFace(n, status, crop, face.box.round(2).tolist(), face.landmarks.round(2).tolist())
 
 
+def list_videos(folder: str | Path) -> list[Path]:
+    """The videos (files) and frame folders (sub-folders) directly inside ``folder``, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidInput(f"{folder} is not a folder of videos")
+    videos = sorted(p for p in folder.iterdir() if (p.is_file() and is_video(p)) or p.is_dir())
+    if not videos:
+        raise InvalidInput(f"no videos or frame folders in {folder}")
+    return videos
+
+
 def video_name(path) -> str:
     """A video's id in outputs: the file's stem, or a frame folder's name."""
     return Path(path).stem if Path(path).is_file() else Path(path).name

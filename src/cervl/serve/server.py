@@ -14,7 +14,6 @@ with an HTTP status (400 for a bad image, 413 for a body over ``max_bytes``).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import threading
@@ -22,7 +21,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from PIL import Image
+from cervl.data.images import load_rgb
+from cervl.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def make_server(predictor, *, host: str = "127.0.0.1", port: int = 8000, max_byt
             url = urlparse(self.path)
             if url.path != "/predict":
                 return self._send(404, {"error": "not found; use POST /predict"})
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                return self._send(400, {"error": "Content-Length is not a number"})
             if length <= 0:
                 return self._send(400, {"error": "empty body: send image bytes or {\"image_base64\": ...}"})
             if length > max_bytes:
@@ -63,9 +66,9 @@ def make_server(predictor, *, host: str = "127.0.0.1", port: int = 8000, max_byt
             try:
                 if (self.headers.get("Content-Type") or "").startswith("application/json"):
                     body = base64.b64decode(json.loads(body)["image_base64"])
-                image = Image.open(io.BytesIO(body)).convert("RGB")
-            except Exception as e:
-                return self._send(400, {"error": f"cannot read the image: {type(e).__name__}: {e}"})
+                image = load_rgb(body)  # upright (EXIF), RGB, a size Qwen-VL takes
+            except (InvalidInput, ValueError, KeyError) as e:  # ImageError, bad JSON, bad base64
+                return self._send(400, {"error": f"cannot read the image: {e}"})
             face = None
             if parse_qs(url.query).get("align", ["0"])[0] in ("1", "true"):
                 if aligner is None:
@@ -87,7 +90,10 @@ def make_server(predictor, *, host: str = "127.0.0.1", port: int = 8000, max_byt
 
 
 def serve(predictor, *, host: str = "127.0.0.1", port: int = 8000, aligner=None) -> None:
-    server = make_server(predictor, host=host, port=port, aligner=aligner)
+    try:
+        server = make_server(predictor, host=host, port=port, aligner=aligner)
+    except OSError as e:  # port in use, no permission for a low port, unknown address
+        raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     log.info("serving %s on http://%s:%d (GET /health, POST /predict)", predictor.label_set.name, host,
              server.server_address[1])
     try:
