@@ -1,67 +1,291 @@
-"""The HTTP server: health, raw-bytes and base64 predictions, bad input, localhost default."""
+"""The HTTP API (FastAPI): every endpoint, every bad input, auth, batching, video jobs, slow clients."""
 
 import base64
 import io
-import json
+import socket
 import threading
-import urllib.error
-import urllib.request
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cervl.models import build_tiny
-from cervl.predict import Predictor
-from cervl.serve import make_server
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cervl.models import build_tiny  # noqa: E402
+from cervl.predict import Predictor  # noqa: E402
+from cervl.serve.app import ServeSettings, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server():
+def predictor():
     model, proc = build_tiny("tiny-qwen2-vl", seed=0)
-    srv = make_server(Predictor(model, proc, "minimal", "cexprdb"), port=0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", srv
-    srv.shutdown()
+    return Predictor(model, proc, "minimal", "rafdb-compound")
 
 
-def _post(url, data, ctype):
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": ctype}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+@pytest.fixture(scope="module")
+def client(predictor):
+    with TestClient(create_app(predictor, ServeSettings(max_body_bytes=2 * 2**20, max_pixels=4_000_000))) as c:
+        yield c
 
 
-def _jpeg():
+def png(size=(112, 112), mode="RGB", color=(120, 90, 80)) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(buf, "JPEG")
+    Image.new(mode, size, color if mode != "L" else 128).save(buf, "PNG" if mode != "CMYK" else "JPEG")
     return buf.getvalue()
 
 
-def test_binds_localhost_by_default(server):
-    assert server[1].server_address[0] == "127.0.0.1"
+def face_jpeg(seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
 
 
-def test_health_and_predictions(server):
-    url = server[0]
-    with urllib.request.urlopen(url + "/health", timeout=10) as r:
-        health = json.loads(r.read())
-    assert health["label_set"] == "cexprdb" and len(health["classes"]) == 7
-    status, out = _post(url + "/predict", _jpeg(), "image/jpeg")
-    assert status == 200 and out["pred"] in health["classes"]
-    assert abs(sum(out["probs"].values()) - 1) < 1e-4
-    status, out2 = _post(url + "/predict", json.dumps({"image_base64": base64.b64encode(_jpeg()).decode()}).encode(),
-                         "application/json")
-    assert status == 200 and out2["probs"] == out["probs"]
+def check_prediction(r, classes):
+    assert r["pred"] in classes and list(r["probs"]) == classes
+    assert abs(sum(r["probs"].values()) - 1) < 1e-4
+    assert r["top2"][0][0] == r["pred"] and r["top2"][0][1] >= r["top2"][1][1]
+    assert r["latency_ms"] > 0
 
 
-def test_bad_requests(server):
-    url = server[0]
-    status, out = _post(url + "/predict", b"not an image", "image/jpeg")
-    assert status == 400 and "cannot read the image" in out["error"]
-    status, out = _post(url + "/predict?align=1", _jpeg(), "image/jpeg")
-    assert status == 400 and "alignment is not enabled" in out["error"]
-    status, _ = _post(url + "/nope", _jpeg(), "image/jpeg")
-    assert status == 404
+def test_health_ready_model_and_page(client, predictor):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["status"] == "ready"
+    m = client.get("/v1/model").json()
+    assert m["label_set"] == "rafdb-compound" and m["classes"] == list(predictor.label_set.classes)
+    assert m["prompt"] == "minimal"
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>cervl" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_multipart_json_and_raw_agree(client, predictor):
+    classes = list(predictor.label_set.classes)
+    img = face_jpeg()
+    a = client.post("/v1/predict", files={"file": ("a.jpg", img, "image/jpeg")})
+    b = client.post("/v1/predict", json={"image_base64": base64.b64encode(img).decode()})
+    c = client.post("/v1/predict", content=img, headers={"Content-Type": "image/jpeg"})
+    for r in (a, b, c):
+        assert r.status_code == 200, r.text
+        check_prediction(r.json(), classes)
+    assert a.json()["probs"] == b.json()["probs"] == c.json()["probs"]
+    expected = predictor.score([Image.open(io.BytesIO(img)).convert("RGB")])[0]
+    np.testing.assert_allclose(list(a.json()["probs"].values()), expected, atol=2e-6)
+
+
+def test_batch_endpoint(client, predictor):
+    files = [("files", (f"{i}.jpg", face_jpeg(i), "image/jpeg")) for i in range(3)]
+    r = client.post("/v1/predict/batch", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 3
+    for res in results:
+        check_prediction(res, list(predictor.label_set.classes))
+    j = client.post("/v1/predict/batch", json={"images": [base64.b64encode(face_jpeg(i)).decode() for i in range(3)]})
+    assert [x["probs"] for x in j.json()["results"]] == [x["probs"] for x in results]
+
+
+@pytest.mark.parametrize("body,ctype,status,words", [
+    (b"definitely not an image", "image/jpeg", 400, "not an image"),
+    (face_jpeg()[:300], "image/jpeg", 400, "cannot decode"),
+    (b"", "image/jpeg", 400, "empty"),
+    (b"hello", "text/plain", 415, "unsupported content type"),
+    (b"x" * (3 * 2**20), "image/jpeg", 413, "exceeds the limit"),
+    (png((2000, 3)), "image/png", 400, "aspect ratio"),
+    (png((13000, 13000), mode="L"), "image/png", 413, "pixels exceeds"),
+])
+def test_bad_inputs_get_4xx_json(client, body, ctype, status, words):
+    r = client.post("/v1/predict", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+
+
+def test_bad_json_and_bad_align_value(client):
+    r = client.post("/v1/predict", json={"image": "x"})
+    assert r.status_code == 400 and "image_base64" in r.json()["error"]
+    r = client.post("/v1/predict?align=maybe", content=face_jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 400 and "align" in r.json()["error"]
+
+
+@pytest.mark.parametrize("mode,color", [("L", 128), ("RGBA", (10, 200, 30, 128)), ("CMYK", (0, 50, 100, 0))])
+def test_grayscale_alpha_and_cmyk_are_converted(client, mode, color):
+    buf = io.BytesIO()
+    Image.new(mode, (112, 112), color).save(buf, "JPEG" if mode == "CMYK" else "PNG")
+    r = client.post("/v1/predict", files={"file": ("x", buf.getvalue(), "application/octet-stream")})
+    assert r.status_code == 200 and r.json()["pred"]
+
+
+def test_align_reports_the_face_box(client):
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, "JPEG")
+    r = client.post("/v1/predict?align=true", files={"file": ("astronaut.jpg", buf.getvalue(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    face = r.json()["face"]
+    assert face["status"] in ("ok", "multiple") and len(face["box"]) == 4
+    x0, y0, x1, y1 = face["box"]
+    assert 120 < (x0 + x1) / 2 < 320 and 40 < (y0 + y1) / 2 < 240  # Eileen Collins' face, not the flag
+    blank = client.post("/v1/predict?align=true", content=png((300, 300)), headers={"Content-Type": "image/png"})
+    assert blank.json()["pred"] is None and blank.json()["face"]["status"] == "no_face"
+
+
+def test_metrics_report_requests_batches_and_errors(client):
+    client.post("/v1/predict", content=face_jpeg(), headers={"Content-Type": "image/jpeg"})
+    client.post("/v1/predict", content=b"", headers={"Content-Type": "image/jpeg"})
+    text = client.get("/metrics").text
+    assert 'cervl_requests_total{endpoint="/v1/predict",status="200"}' in text
+    assert 'cervl_requests_total{endpoint="/v1/predict",status="400"}' in text
+    assert "cervl_batch_size_bucket" in text and 'cervl_errors_total{kind="client"}' in text
+    assert "cervl_request_latency_seconds_count" in text
+
+
+def test_server_fault_is_a_logged_500(predictor, caplog):
+    class Broken:
+        label_set, style = predictor.label_set, predictor.style
+
+        def score(self, images, **kw):
+            raise RuntimeError("boom")
+
+    with TestClient(create_app(Broken()), raise_server_exceptions=False) as c:
+        r = c.post("/v1/predict", content=face_jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 500 and "internal" in r.json()["error"]
+    assert any("boom" in (rec.exc_text or "") or "batch" in rec.getMessage() for rec in caplog.records)
+
+
+def test_api_key(predictor):
+    with TestClient(create_app(predictor, ServeSettings(api_key="s3cret"))) as c:
+        img = {"content": face_jpeg(), "headers": {"Content-Type": "image/jpeg"}}
+        assert c.post("/v1/predict", **img).status_code == 401
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+        ok = c.post("/v1/predict", content=img["content"],
+                    headers={**img["headers"], "Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.post("/v1/predict", content=img["content"],
+                      headers={**img["headers"], "X-API-Key": "s3cret"}).status_code == 200
+        assert c.post("/v1/predict", content=img["content"],
+                      headers={**img["headers"], "X-API-Key": "wrong"}).status_code == 401
+
+
+def test_non_loopback_host_needs_a_key(predictor):
+    from cervl.errors import InvalidInput
+    from cervl.serve import is_loopback, serve
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+    with pytest.raises(InvalidInput, match="API key"):
+        serve(predictor, host="0.0.0.0", port=0)
+
+
+# --- a real server on 127.0.0.1 (uvicorn in a thread) ------------------------------------------
+
+class LiveServer:
+    def __init__(self, app):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_keep_alive=5))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def test_concurrent_requests_share_model_calls_and_match_unbatched(predictor):
+    app = create_app(predictor, ServeSettings(max_batch=32, max_wait_ms=300))
+    images = [face_jpeg(100 + i) for i in range(16)]
+    with LiveServer(app) as url, httpx.Client(timeout=60) as http:
+        http.get(url + "/health")
+        before = app.state.metrics.model_calls
+
+        def post(img):
+            return http.post(url + "/v1/predict", content=img, headers={"Content-Type": "image/jpeg"}).json()
+
+        with ThreadPoolExecutor(16) as pool:
+            rows = list(pool.map(post, images))
+        calls = app.state.metrics.model_calls - before
+    assert calls < 16, calls
+    single = np.stack([predictor.score([Image.open(io.BytesIO(b)).convert("RGB")])[0] for b in images])
+    got = np.array([[r["probs"][c] for c in predictor.label_set.classes] for r in rows])
+    np.testing.assert_allclose(got, single, atol=2e-6)  # responses carry 6 decimals
+
+
+def test_a_stalled_client_does_not_block_the_others(predictor):
+    app = create_app(predictor)
+    with LiveServer(app) as url:
+        stalled = []
+        for _ in range(20):  # connections that send half a request and then nothing
+            s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+            stalled.append(s)
+        try:
+            t0 = time.perf_counter()
+            r = httpx.get(url + "/health", timeout=5)
+            assert r.status_code == 200 and time.perf_counter() - t0 < 2
+            r = httpx.post(url + "/v1/predict", content=face_jpeg(), headers={"Content-Type": "image/jpeg"}, timeout=30)
+            assert r.status_code == 200
+        finally:
+            for s in stalled:
+                s.close()
+
+
+def test_video_job_end_to_end(predictor, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    from skimage import data
+
+    face = np.asarray(Image.fromarray(data.astronaut()).crop((140, 20, 320, 220)).resize((150, 166)))
+    path = tmp_path / "clip.avi"
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    for i in range(1, 9):
+        canvas = np.full((240, 320, 3), 110, np.uint8)
+        if i != 5:
+            canvas[30:196, 20 + 8 * i: 170 + 8 * i] = face
+        vw.write(np.ascontiguousarray(canvas[:, :, ::-1]))
+    vw.release()
+    with TestClient(create_app(predictor)) as c:
+        r = c.post("/v1/predict/video", files={"file": ("clip.avi", path.read_bytes(), "video/x-msvideo")})
+        assert r.status_code == 202, r.text
+        url = r.json()["status_url"]
+        for _ in range(300):
+            job = c.get(url).json()
+            if job["status"] in ("done", "failed"):
+                break
+            time.sleep(0.1)
+        assert job["status"] == "done", job
+        assert job["frames_total"] == 8 and len(job["rows"]) == 8 and len(job["timeline"]["smoothed"]) == 8
+        assert [r["status"] for r in job["rows"]][4] == "lost" and job["summary"]["frames_with_face"] == 7
+        assert sum(s["frames"] for s in job["segments"]) == 8 and job["summary"]["dominant"] in job["classes"]
+        bad = c.post("/v1/predict/video", files={"file": ("x.avi", b"not a video", "video/x-msvideo")})
+        assert bad.status_code == 400 and "cannot" in bad.json()["error"]
+        assert c.get("/v1/jobs/nope").status_code == 404
+    with TestClient(create_app(predictor, ServeSettings(max_video_seconds=0.5))) as c:  # 0.8 s of video
+        r = c.post("/v1/predict/video", files={"file": ("clip.avi", path.read_bytes(), "video/x-msvideo")})
+        assert r.status_code == 413 and "exceeds" in r.json()["error"]
+
+
+def test_cli_serve_refuses_open_host_without_key(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "cervl.cli", "serve", "--run", str(tmp_path), "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "API key" in res.stderr and "Traceback" not in res.stderr

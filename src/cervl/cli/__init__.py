@@ -237,14 +237,27 @@ def _run_compare(args) -> int:
 
 
 def _run_serve(args) -> int:
-    from cervl.faces.pipeline import FaceAligner
-    from cervl.predict import Predictor
-    from cervl.serve import serve
+    import os
 
-    # only the largest face is scored, so the largest-first search (same face, less latency) suffices
-    aligner = FaceAligner("mtcnn", search="largest") if args.align else None
-    print(f"serving {args.run} on http://{args.host}:{args.port}")
-    serve(Predictor.from_run(args.run), host=args.host, port=args.port, aligner=aligner)
+    from cervl.predict import Predictor
+    from cervl.serve import is_loopback, serve
+    from cervl.serve.app import ServeSettings, run_summary
+
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    if not is_loopback(args.host) and not key and not args.insecure_no_auth:  # before the model loads
+        raise UserError(f"--host {args.host} is reachable from other machines: set an API key (--api-key-env NAME) "
+                        f"or pass --insecure-no-auth")
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, align=args.align, api_key=key,
+                             max_body_bytes=args.max_body_mb * 2**20, max_video_seconds=args.max_video_seconds,
+                             request_timeout_s=args.timeout)
+    predictor = Predictor.from_run(args.run)
+    print(f"serving {args.run} on http://{args.host}:{args.port} (page: /, API docs: /docs)")
+    serve(predictor, host=args.host, port=args.port, settings=settings, run_info=run_summary(args.run),
+          insecure_no_auth=args.insecure_no_auth)
     return 0
 
 

@@ -130,11 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", type=Path, help="ablation YAML, e.g. configs/ablation-quickstart.yaml")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
-    p = add("serve", help="serve a trained run over HTTP (GET /health, POST /predict)")
+    p = add("serve", help="serve a trained run over HTTP: REST API, web page, metrics")
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--align", action="store_true", help="enable ?align=1 (MTCNN + alignment of the largest face)")
+    p.add_argument("--align", action="store_true",
+                   help="align faces by default (MTCNN + 5-point alignment of the largest face; align=false per request)")
+    p.add_argument("--max-batch", type=int, default=32, help="images per model call (1 = no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--api-key-env", help="name of an environment variable holding the API key")
+    p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--max-body-mb", type=int, default=20, help="largest image request body (MB)")
+    p.add_argument("--max-video-seconds", type=float, default=600.0, help="longest uploaded video")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request model timeout (s)")
 
     p = add("labels", help="list label sets, or show one as JSON")
     p.add_argument("name", nargs="?", help="a label set name (default: list them)")

@@ -65,6 +65,8 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
         raise ImageError(f"{_name(source)}: not an image file (or a format PIL cannot read)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{_name(source)}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a header cut short or corrupt
+        raise ImageError(f"{_name(source)}: cannot decode image: {e}") from None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

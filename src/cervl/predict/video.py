@@ -18,7 +18,7 @@ from cervl.faces.video import many_video_faces, video_faces, video_name
 from cervl.predict.predictor import Predictor
 
 
-class _VideoScorer:
+class VideoScorer:
     """Scores one video's :class:`~cervl.faces.video.FrameFace` stream in batches as frames arrive
     (memory does not grow with the video's length), then smooths the per-frame probabilities."""
 
@@ -81,7 +81,7 @@ def predict_video(predictor: Predictor, path, detector, *, every: int = 1, smoot
     output carries the neighbours' probabilities over them (so every sampled frame gets a label),
     and ``pred`` of a lost frame is None when no face was seen anywhere in the video.
     """
-    scorer = _VideoScorer(predictor, video_name(path), batch_size)
+    scorer = VideoScorer(predictor, video_name(path), batch_size)
     stream = video_faces(path, detector, every=every, size=size, redetect_every=redetect_every,
                          verify_every=verify_every)
     for f in tqdm(stream, desc=scorer.video, unit="frame", leave=False):
@@ -101,7 +101,7 @@ def predict_videos(predictor: Predictor, paths: list, *, detector: str = "mtcnn"
     and one video each, see :func:`cervl.faces.video.many_video_faces`) while this process scores
     the crops as they arrive, so the model is never waiting on one video's preprocessing.
     """
-    scorers: dict[int, _VideoScorer] = {}
+    scorers: dict[int, VideoScorer] = {}
     bar = tqdm(total=len(paths), unit="video", desc=f"videos ({workers} worker{'s' if workers > 1 else ''})")
     frames = 0
     events = many_video_faces(paths, detector=detector, detector_options=detector_options, workers=workers,
@@ -109,7 +109,7 @@ def predict_videos(predictor: Predictor, paths: list, *, detector: str = "mtcnn"
     try:
         for kind, i, payload in events:
             if kind == "frames":
-                scorer = scorers.setdefault(i, _VideoScorer(predictor, video_name(paths[i]), batch_size))
+                scorer = scorers.setdefault(i, VideoScorer(predictor, video_name(paths[i]), batch_size))
                 for f in payload:
                     scorer.add(f)
                 frames += len(payload)

@@ -1,0 +1,335 @@
+"""The production HTTP API (FastAPI): ``cervl serve --run RUN``.
+
+Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
+
+* ``POST /v1/predict``: one image (multipart field ``file``, JSON ``{"image_base64": ...}``, or raw
+  ``image/*`` bytes), ``align=true|false``; returns the face status and box, the predicted class, every
+  class probability in label-set order, the top-2 and the latency.
+* ``POST /v1/predict/batch``: up to ``max_batch_images`` images (multipart ``files`` or JSON ``{"images": [...]}``).
+* ``POST /v1/predict/video``: an uploaded video becomes a job; ``GET /v1/jobs/{id}`` polls it (progress,
+  then per-frame rows, the smoothed timeline, segments and a summary).
+* ``GET /v1/model``, ``GET /health``, ``GET /ready``, ``GET /metrics`` (Prometheus text), ``GET /`` (web page).
+
+Concurrent image requests share model calls (:mod:`cervl.serve.batcher`). Every bad input is a 4xx
+with a JSON ``{"error": ...}``; a 5xx is a server fault, logged with its traceback.
+"""
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from cervl.data.images import ImageError, to_rgb
+from cervl.serve.batcher import MicroBatcher, ModelWorker, SerialPredictor
+from cervl.serve.jobs import VideoJobs
+from cervl.serve.metrics import Metrics
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServeSettings:
+    """Limits and behaviour of one server."""
+
+    max_batch: int = 32  # images per model call (dynamic batching); 1 turns batching off
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
+    align: bool = False  # default of the per-request ``align`` parameter
+    api_key: str | None = None  # required as "Authorization: Bearer KEY" or "X-API-Key" on /v1 and /metrics
+    max_body_bytes: int = 20 * 2**20
+    max_video_bytes: int = 200 * 2**20
+    max_pixels: int = 40_000_000  # decoded pixels per image (decompression bombs)
+    max_batch_images: int = 64
+    max_video_seconds: float = 600.0
+    request_timeout_s: float = 60.0
+    video_every: int = 1
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
+    """Bytes -> upright RGB; 4xx errors for empty, non-image, truncated, oversized or unusable images."""
+    if not data:
+        raise HTTPError(400, f"{name}: empty body (0 bytes); send an image")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise HTTPError(400, f"{name}: not an image (or a format PIL cannot read)") from None
+    except Image.DecompressionBombError as e:
+        raise HTTPError(413, f"{name}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a header cut short or corrupt
+        raise HTTPError(400, f"{name}: cannot decode image: {e}") from None
+    w, h = im.size
+    if w * h > max_pixels:  # checked on the header, before any pixel is decoded
+        raise HTTPError(413, f"{name}: {w}x{h} = {w * h} pixels exceeds this server's limit of {max_pixels}")
+    try:
+        return to_rgb(im, name)
+    except ImageError as e:
+        raise HTTPError(400, str(e)) from None
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes (413) by header, or while streaming."""
+
+    def __init__(self, app, limit_for):
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"])
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await _json_asgi(send, 400, "Content-Length is not a number")
+            if declared > limit:
+                return await _json_asgi(send, 413, f"body of {declared} bytes exceeds the limit of {limit}")
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPError(413, f"body exceeds the limit of {limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+async def _json_asgi(send, status: int, message: str) -> None:
+    import json
+
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(predictor, settings: ServeSettings | None = None, *, run_info: dict | None = None):
+    """The FastAPI app around a :class:`cervl.predict.Predictor` (model calls in one worker thread)."""
+    settings = settings or ServeSettings()
+    metrics, worker = Metrics(), ModelWorker()
+    batcher = MicroBatcher(predictor, worker, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                           metrics=metrics)
+    jobs = VideoJobs(SerialPredictor(predictor, worker, metrics), every=settings.video_every)
+    state = {"ready": False, "aligner": None}
+    classes = list(predictor.label_set.classes)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await batcher.stop()
+        jobs.close()
+        worker.close()
+
+    app = FastAPI(title="cervl", version="1", lifespan=lifespan,
+                  description="Compound expression recognition with a fine-tuned Qwen-VL: exact class probabilities.")
+    app.state.metrics, app.state.batcher, app.state.jobs = metrics, batcher, jobs
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request, exc: HTTPError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _fault(request, exc):
+        log.exception("server fault on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal server error (logged)"}, status_code=500)
+
+    @app.middleware("http")
+    async def _auth_and_metrics(request: Request, call_next):
+        t0, path = time.perf_counter(), request.url.path
+        protected = path.startswith("/v1/") or path == "/metrics"
+        if settings.api_key and protected and not _authorized(request, settings.api_key):
+            response = JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"},
+                                    status_code=401)
+        else:
+            try:
+                response = await call_next(request)
+            except HTTPError as e:  # raised by the body limit while streaming
+                response = JSONResponse({"error": e.message}, status_code=e.status)
+        endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
+        metrics.request(endpoint, response.status_code, time.perf_counter() - t0)
+        return response
+
+    async def score_one(image: Image.Image, align: bool) -> dict:
+        t0 = time.perf_counter()
+        face = None
+        if align:
+            image, face = await _align(image)
+            if image is None:
+                return {"face": face, "pred": None, "probs": None, "top2": None,
+                        "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        try:
+            probs = await asyncio.wait_for(batcher.score(image), settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(504, f"the model did not answer within {settings.request_timeout_s:g} s") from None
+        order = probs.argsort()[::-1]
+        return {"face": face, "pred": classes[int(order[0])],
+                "probs": {c: round(float(p), 6) for c, p in zip(classes, probs)},
+                "top2": [[classes[int(i)], round(float(probs[i]), 6)] for i in order[:2]],
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    async def _align(image):
+        from cervl.faces.pipeline import FaceAligner
+
+        if state["aligner"] is None:
+            # only the largest face is scored: the largest-first search finds it with less work
+            state["aligner"] = FaceAligner("mtcnn", search="largest")
+        res = (await asyncio.to_thread(state["aligner"].align, image))[0]
+        return res.crop, {"status": res.status, "box": res.box, "faces": res.n_faces}
+
+    async def read_images(request: Request, *, many: bool) -> tuple[list[Image.Image], dict]:
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        form_fields: dict = {}
+        if ctype == "multipart/form-data":
+            form = await request.form(max_files=settings.max_batch_images, max_fields=16)
+            uploads = form.getlist("files" if many else "file") or form.getlist("file") or form.getlist("files")
+            blobs = [await u.read() for u in uploads if hasattr(u, "read")]
+            form_fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        elif ctype == "application/json":
+            try:
+                payload = await request.json()
+                raw = payload["images"] if many else [payload["image_base64"]]
+                blobs = [base64.b64decode(b, validate=True) for b in raw]
+            except (ValueError, KeyError, TypeError, binascii.Error) as e:
+                key = "images" if many else "image_base64"
+                raise HTTPError(400, f"JSON body must be {{\"{key}\": ...}} with base64 image data ({e})") from None
+            form_fields = {k: v for k, v in payload.items() if k == "align"}
+        elif ctype.startswith("image/") or ctype == "application/octet-stream":
+            blobs = [await request.body()]
+        else:
+            raise HTTPError(415, f"unsupported content type {ctype or '(none)'!r}; send multipart/form-data, "
+                                 f"application/json or image/*")
+        if not blobs:
+            raise HTTPError(400, "no image in the request (multipart field 'file'/'files')")
+        if len(blobs) > settings.max_batch_images:
+            raise HTTPError(413, f"{len(blobs)} images exceed the limit of {settings.max_batch_images} per request")
+        images = await asyncio.to_thread(lambda: [decode_image(b, settings.max_pixels, f"image {i}" if many else
+                                                               "image") for i, b in enumerate(blobs)])
+        return images, form_fields
+
+    def align_flag(request: Request, fields: dict) -> bool:
+        value = request.query_params.get("align", fields.get("align"))
+        if value is None:
+            return settings.align
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in ("true", "false", "1", "0"):
+            raise HTTPError(400, f"align must be true or false, got {value!r}")
+        return str(value).lower() in ("true", "1")
+
+    @app.post("/v1/predict", summary="Predict one image")
+    async def predict(request: Request):
+        images, fields = await read_images(request, many=False)
+        return await score_one(images[0], align_flag(request, fields))
+
+    @app.post("/v1/predict/batch", summary="Predict several images")
+    async def predict_batch(request: Request):
+        images, fields = await read_images(request, many=True)
+        align = align_flag(request, fields)
+        return {"results": list(await asyncio.gather(*(score_one(im, align) for im in images)))}
+
+    @app.post("/v1/predict/video", status_code=202, summary="Start a video job (poll GET /v1/jobs/{id})")
+    async def predict_video(request: Request):
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if ctype != "multipart/form-data":
+            raise HTTPError(415, "send the video as multipart/form-data, field 'file'")
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("file")
+        if upload is None or not hasattr(upload, "read"):
+            raise HTTPError(400, "no video in the request (multipart field 'file')")
+        data = await upload.read()
+        if not data:
+            raise HTTPError(400, "empty video file")
+        try:
+            job = await asyncio.to_thread(jobs.submit, data, getattr(upload, "filename", None) or "video",
+                                          settings.max_video_seconds)
+        except ValueError as e:
+            raise HTTPError(400 if "cannot" in str(e) else 413, str(e)) from None
+        return {"job": job.id, "status": job.status, "status_url": f"/v1/jobs/{job.id}"}
+
+    @app.get("/v1/jobs/{job_id}", summary="A video job's progress or result")
+    async def job_status(job_id: str):
+        job = jobs.get(job_id)
+        if job is None:
+            raise HTTPError(404, f"no job {job_id!r}")
+        return job.to_json()
+
+    @app.get("/v1/model", summary="The model: label set, prompt style, lineage, base model")
+    async def model_info():
+        info = run_info or {}
+        return {"label_set": predictor.label_set.name, "classes": classes, "prompt": predictor.style.name,
+                "base_model": info.get("base_model"), "lineage": info.get("lineage", []),
+                "run": info.get("run"), "max_batch": settings.max_batch, "align_default": settings.align}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not state["ready"]:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return {"status": "ready", "label_set": predictor.label_set.name}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    limits = {"/v1/predict/video": settings.max_video_bytes}
+    app.add_middleware(BodyLimit, limit_for=lambda path: limits.get(path, settings.max_body_bytes))
+    return app
+
+
+def _authorized(request, key: str) -> bool:
+    given = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def run_summary(run_dir: Path) -> dict:
+    """What ``GET /v1/model`` reports about a run folder."""
+    from cervl.run import RunMeta
+
+    meta = RunMeta.read(Path(run_dir))
+    return {"run": str(run_dir), "base_model": meta.lineage[0].get("source") if meta.lineage else None,
+            "lineage": [{k: e.get(k) for k in ("stage", "kind", "rank", "label_set", "prompt", "steps")}
+                        for e in meta.lineage]}

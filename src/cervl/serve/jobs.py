@@ -1,0 +1,152 @@
+"""Video jobs for the server: an uploaded video is tracked, aligned and scored in a background thread;
+clients poll ``GET /v1/jobs/{id}`` for progress and then the result.
+
+The result holds the per-frame rows (the same tracking and smoothing as ``cervl predict``), the
+smoothed timeline, the segments (runs of one predicted class) and a per-video summary. Uploaded files
+live in a temporary folder this server created, and are removed once their job ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    status: str = "queued"  # queued | running | done | failed
+    frames_total: int | None = None
+    frames_done: int = 0
+    created: float = field(default_factory=time.time)
+    result: dict | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        out = {"job": self.id, "name": self.name, "status": self.status, "frames_done": self.frames_done,
+               "frames_total": self.frames_total}
+        if self.frames_total:
+            out["progress"] = round(min(1.0, self.frames_done / self.frames_total), 4)
+        if self.error:
+            out["error"] = self.error
+        if self.result is not None:
+            out.update(self.result)
+        return out
+
+
+def segments(rows: list[dict]) -> list[dict]:
+    """Runs of consecutive frames with the same (smoothed) prediction."""
+    out: list[dict] = []
+    for r in rows:
+        if r.get("pred") is None:
+            continue
+        if out and out[-1]["pred"] == r["pred"] and out[-1]["end_frame"] < r["frame"]:
+            seg = out[-1]
+            seg["end_frame"], seg["frames"] = r["frame"], seg["frames"] + 1
+            seg["_sum"] += r["probs_smoothed"][r["pred"]]
+        else:
+            out.append({"pred": r["pred"], "start_frame": r["frame"], "end_frame": r["frame"], "frames": 1,
+                        "_sum": r["probs_smoothed"][r["pred"]]})
+    for seg in out:
+        seg["mean_prob"] = round(seg.pop("_sum") / seg["frames"], 4)
+    return out
+
+
+def summarize(rows: list[dict], classes: tuple) -> dict:
+    scored = [r for r in rows if r.get("probs_smoothed")]
+    mean = {c: round(sum(r["probs_smoothed"][c] for r in scored) / len(scored), 6) for c in classes} if scored else {}
+    return {"frames": len(rows), "frames_with_face": sum(r["status"] != "lost" for r in rows),
+            "dominant": max(mean, key=mean.get) if mean else None, "mean_probs": mean}
+
+
+class VideoJobs:
+    """Runs video jobs one at a time in a background thread (their scoring shares the model thread)."""
+
+    def __init__(self, predictor, *, every: int = 1, keep: int = 100):
+        self.predictor, self.every, self.keep = predictor, every, keep
+        self.jobs: dict[str, Job] = {}
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cervl-video")
+        self.tmp = Path(tempfile.mkdtemp(prefix="cervl-serve-videos-"))
+
+    def submit(self, data: bytes, name: str, max_seconds: float) -> Job:
+        job = Job(uuid.uuid4().hex[:16], Path(name).name)
+        path = self.tmp / f"{job.id}{Path(name).suffix.lower() or '.mp4'}"
+        path.write_bytes(data)
+        try:
+            job.frames_total = probe(path, max_seconds)
+        except ValueError:
+            path.unlink(missing_ok=True)
+            raise
+        with self.lock:
+            self.jobs[job.id] = job
+            for old in sorted(self.jobs.values(), key=lambda j: j.created)[:-self.keep]:
+                if old.status in ("done", "failed"):
+                    del self.jobs[old.id]
+        self.pool.submit(self._run, job, path)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def _run(self, job: Job, path: Path) -> None:
+        from cervl.faces.detect import make_detector
+        from cervl.faces.video import video_faces
+        from cervl.predict.video import VideoScorer
+
+        job.status = "running"
+        try:
+            scorer = VideoScorer(self.predictor, job.name, batch_size=16)
+            for f in video_faces(path, make_detector("mtcnn"), every=self.every):
+                scorer.add(f)
+                job.frames_done += 1
+            rows = scorer.rows()
+            classes = self.predictor.label_set.classes
+            job.result = {"classes": list(classes), "rows": rows, "segments": segments(rows),
+                          "summary": summarize(rows, classes),
+                          "timeline": {"frames": [r["frame"] for r in rows],
+                                       "smoothed": [[r["probs_smoothed"][c] for c in classes]
+                                                    if r.get("probs_smoothed") else None for r in rows],
+                                       "raw": [[r["probs"][c] for c in classes] if r.get("probs") else None
+                                               for r in rows]}}
+            job.status = "done"
+        except Exception as e:  # a broken video fails its job, never the server
+            log.warning("video job %s (%s) failed: %s", job.id, job.name, e)
+            job.status, job.error = "failed", str(e)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # created by this server, for its uploads only
+
+
+def probe(path: Path, max_seconds: float) -> int:
+    """Frame count of a video file; ValueError if it cannot be opened or is longer than ``max_seconds``."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise ValueError(f"{path.name}: cannot open the video (corrupt file or unsupported codec)")
+        frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+        ok, _ = cap.read()
+        if not ok:
+            raise ValueError(f"{path.name}: cannot decode any frame (corrupt file or unsupported codec)")
+    finally:
+        cap.release()
+    if frames and frames / fps > max_seconds:
+        raise ValueError(f"{path.name}: {frames / fps:.0f} s of video exceeds this server's limit of {max_seconds:g} s")
+    return frames
