@@ -249,15 +249,27 @@ def create_app(predictor, settings: ServeSettings | None = None, *, run_info: di
             raise HTTPError(400, f"align must be true or false, got {value!r}")
         return str(value).lower() in ("true", "1")
 
+    @asynccontextmanager
+    async def arriving():
+        """While a request is read and decoded, a forming batch may wait for it (see MicroBatcher)."""
+        batcher.arriving += 1
+        try:
+            yield
+        finally:
+            batcher.arriving -= 1
+
     @app.post("/v1/predict", summary="Predict one image")
     async def predict(request: Request):
-        images, fields = await read_images(request, many=False)
-        return await score_one(images[0], align_flag(request, fields))
+        async with arriving():
+            images, fields = await read_images(request, many=False)
+            align = align_flag(request, fields)
+        return await score_one(images[0], align)
 
     @app.post("/v1/predict/batch", summary="Predict several images")
     async def predict_batch(request: Request):
-        images, fields = await read_images(request, many=True)
-        align = align_flag(request, fields)
+        async with arriving():
+            images, fields = await read_images(request, many=True)
+            align = align_flag(request, fields)
         return {"results": list(await asyncio.gather(*(score_one(im, align) for im in images)))}
 
     @app.post("/v1/predict/video", status_code=202, summary="Start a video job (poll GET /v1/jobs/{id})")

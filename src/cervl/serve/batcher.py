@@ -1,9 +1,10 @@
 """Dynamic micro-batching: concurrent requests share one ``Predictor.score`` call.
 
 Every model call runs in :class:`ModelWorker`'s single thread (the model is not re-entrant, and the
-event loop must never block on it). :class:`MicroBatcher` gathers queued images until ``max_batch``
-or ``max_wait_ms`` after the first, then scores them in one call. While the model runs, new requests
-queue up and form the next batch, so a busy server batches and an idle one answers at once.
+event loop must never block on it). :class:`MicroBatcher` gathers queued images until ``max_batch``,
+waiting at most ``max_wait_ms`` after the first, and only while other admitted requests are still
+being read and decoded. While the model runs, new requests queue up and form the next batch, so a
+busy server batches and a lone request is answered at once.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class MicroBatcher:
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
+        self.arriving = 0  # requests admitted but still being read/decoded: worth waiting for
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -81,7 +83,7 @@ class MicroBatcher:
                 batch.append(self.queue.get_nowait())
                 continue
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0 or self.arriving <= 0:  # nobody else is on the way: a lone request never waits
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
