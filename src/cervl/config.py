@@ -123,6 +123,13 @@ class RunConfig:
     # A non-finite loss or gradient: "stop" (an error naming stage, step and lr; the last checkpoint
     # stays valid) or "skip_step" (drop that step's update, count it, go on).
     nan_policy: str = "stop"
+    # Training efficiency (cervl.objective), all exact: run the prompt before the image once per batch
+    # (shared_prefix); keep frozen-vision-tower features for reuse, up to this many MB in memory and
+    # beyond that under RUN/vision_cache (0: off); gradient checkpointing (None: on for models > 3B
+    # parameters; it turns the shared prefix off, whose cached keys/values it would recompute).
+    shared_prefix: bool = True
+    vision_cache_mb: int = 1024
+    gradient_checkpointing: bool | None = None
     test: TestSpec = field(default_factory=TestSpec)
 
 
@@ -319,6 +326,7 @@ def _check_run_values(cfg: RunConfig, source) -> None:
     _check(cfg.nan_policy in ("stop", "skip_step"), where, f"'nan_policy' must be stop or skip_step, got "
            f"{cfg.nan_policy!r}")
     _check(cfg.test.max_samples >= 0, where, "'test.max_samples' must be >= 0")
+    _check(cfg.vision_cache_mb >= 0, where, "'vision_cache_mb' must be >= 0")
 
 
 def _check_stage_values(st: StageConfig, where: str) -> None:

@@ -34,6 +34,7 @@ from cervl.data.images import check_images, load_rgb
 from cervl.encode import IGNORE, collate, encode_sample, prompt_text
 from cervl.errors import UserError
 from cervl.evaluate import evaluate, test_report
+from cervl.objective import AnswerObjective, VisionCache, file_hash
 from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build_tiny, default_attn_implementation,
                           load_model, lora_target_regex, merge_lora, save_model)
 from cervl.predict.predictor import Predictor
@@ -76,7 +77,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, accelerator, bad: set, progress
     model, processor, base_info = load_base(cfg, run_dir, accelerator)
 
     # --- stages: each one starts from the merged result of the previous ones.
-    lineage, stage_metrics = [base_info], {}
+    lineage, stage_metrics, vision_memory = [base_info], {}, {}
     for index, stage in enumerate(cfg.stages):
         sdir = stage_dir(run_dir, index, stage.name)
         if (sdir / "DONE.json").is_file():
@@ -86,7 +87,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, accelerator, bad: set, progress
                 remove_checkpoints(sdir)  # left behind if a kill came between DONE.json and the clean-up
             model = apply_stage(model, info, run_dir)
         else:
-            trainer = StageTrainer(model, processor, cfg, index, stage, run_dir, accelerator, bad, progress=progress)
+            trainer = StageTrainer(model, processor, cfg, index, stage, run_dir, accelerator, bad, progress=progress,
+                                   vision_memory=vision_memory)
             model, info = trainer.run()
         lineage.append(info)
         stage_metrics[stage.name] = info.get("final_eval")
@@ -214,11 +216,12 @@ class StageTrainer:
     :meth:`after_step` (logging, evaluation, checkpoints) and :meth:`finish` (save, merge)."""
 
     def __init__(self, model, processor, cfg: RunConfig, index: int, stage: StageConfig, run_dir: Path,
-                 accelerator, bad: set, *, progress: bool = True):
+                 accelerator, bad: set, *, progress: bool = True, vision_memory: dict | None = None):
         self.model, self.processor, self.cfg, self.index, self.stage = model, processor, cfg, index, stage
         self.run_dir, self.dir, self.acc = run_dir, stage_dir(run_dir, index, stage.name), accelerator
         self.bad, self.progress, self.main = bad, progress, accelerator.is_main_process
         self.skipped_steps = 0
+        self.vision_memory = vision_memory if vision_memory is not None else {}
 
     def run(self):
         """Train the stage; returns (model with this stage merged, lineage entry)."""
@@ -254,6 +257,7 @@ class StageTrainer:
         self.global_batch = stage.batch_size * stage.grad_accum * self.world
         self.total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * self.mixture.per_epoch / self.global_batch))
         self.prompt = prompt_text(self.processor, stage.style, stage.labels)  # rendered once per stage
+        self.hashes: dict = {}
         self.model = prepare_trainable(self.model, stage)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -264,7 +268,8 @@ class StageTrainer:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(self.dir / "stage.json", {"index": self.index, **to_dict(stage), "total_steps": self.total_steps,
                                                  "samples_per_epoch": self.mixture.per_epoch, "world_size": self.world})
-        self.ddp_model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.objective = self._objective()
+        self.ddp_model, self.optimizer = acc.prepare(self.objective, self.optimizer)
         self.metrics = MetricsLog(self.dir / "metrics.csv", enabled=self.main, tensorboard=self.cfg.tensorboard,
                                   resume_step=self.start_step)
         tok = self.processor.tokenizer
@@ -272,6 +277,26 @@ class StageTrainer:
         self.image_token_id = getattr(self.model.config, "image_token_id", None)
         # Background preparation competes with the training threads on a CPU (34 vs 46-52 samples/s on 2 cores).
         self.prefetch = self.cfg.prefetch if self.cfg.prefetch is not None else torch.cuda.is_available()
+
+    def _objective(self) -> AnswerObjective:
+        """The loss module with the stage's levers: answer-only logits always; shared prefix and
+        vision cache where they apply (see cervl.objective)."""
+        cfg, stage, tok = self.cfg, self.stage, self.processor.tokenizer
+        checkpointing = cfg.gradient_checkpointing
+        if checkpointing is None:  # auto: real models above 3B parameters
+            checkpointing = sum(p.numel() for p in self.model.parameters()) > 3e9
+        if checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        prefix = None
+        if cfg.shared_prefix and not checkpointing:
+            ids = tok(self.prompt, add_special_tokens=False)["input_ids"]
+            prefix = ids[: ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))]
+        frozen_vision = stage.method == "lora" and stage.lora.vision == "frozen" and stage.lora.merger == "frozen"
+        cache = None
+        if cfg.vision_cache_mb and frozen_vision:  # the memory store outlives the stage: later stages reuse it
+            cache = VisionCache(self.model, self.processor, self.run_dir / "vision_cache", cfg.vision_cache_mb,
+                                memory=self.vision_memory)
+        return AnswerObjective(self.model, prefix=prefix, vision_cache=cache)
 
     def _resume(self) -> int:
         ckpt = find_checkpoint(self.dir)
@@ -298,7 +323,17 @@ class StageTrainer:
         encoded = [[encode_sample(self.processor, self.prompt, load_rgb(s.path),
                                   stage.style.answer(s.record.label, s.record.aus), max_length=self.cfg.max_length,
                                   sample_name=s.name) for s in mb] for mb in micro]
-        return [collate(e, self.pad_id, self.image_token_id) for e in encoded]
+        batches = [collate(e, self.pad_id, self.image_token_id) for e in encoded]
+        if self.objective.vision_cache is not None:
+            for batch, mb in zip(batches, micro):
+                batch["image_hashes"] = [self._hash(s.path) for s in mb]
+        return batches
+
+    def _hash(self, path) -> str:
+        h = self.hashes.get(path)
+        if h is None:
+            h = self.hashes[path] = file_hash(path)
+        return h
 
     # --- one optimizer step -------------------------------------------------------------------
     def train_step(self, step: int, batches: list[dict]) -> float:
@@ -309,14 +344,10 @@ class StageTrainer:
         global_tokens = acc.reduce(local_tokens, reduction="sum").clamp(min=1)
         loss_total = torch.zeros((), device=device)
         for a, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = acc.no_sync(self.ddp_model) if a < len(batches) - 1 else contextlib.nullcontext()
             with sync:
-                logits = self.ddp_model(**batch).logits
-                token_loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                    reduction="sum")
+                token_loss = self.ddp_model(**batch)  # summed cross-entropy of the answer tokens
                 acc.backward(token_loss / global_tokens * self.world)
             loss_total += token_loss.detach()
         global_loss = (acc.reduce(loss_total, reduction="sum") / global_tokens).item()
@@ -385,9 +416,11 @@ class StageTrainer:
     # --- save and merge -----------------------------------------------------------------------
     def finish(self):
         stage = self.stage
+        cache = self.objective.vision_cache
         info = {"stage": stage.name, "kind": stage.method, "index": self.index, "label_set": stage.labels.name,
                 "prompt": stage.style.name, "data": to_dict(stage.data), "steps": self.total_steps,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "shared_prefix_tokens": len(self.objective.prefix),
+                "vision_cache_hit_rate": round(cache.hit_rate, 4) if cache else None}
         if stage.method == "lora":
             info.update(rank=stage.lora.rank, alpha=stage.lora.alpha, adapter=relative(self.run_dir, self.dir / "adapter"))
         else:

@@ -1,0 +1,140 @@
+"""The training objective's levers are exact: answer-only logits, shared-prefix forward, vision cache.
+
+Each lever is compared with the plain full-sequence forward (logits everywhere, cross-entropy over the
+supervised positions): the loss and every LoRA gradient must agree to fp32 tolerance.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cervl.encode import IGNORE, collate, encode_sample, prompt_text
+from cervl.labels import get_label_set
+from cervl.models import TINY_PRESETS, apply_lora, build_tiny, lora_target_regex
+from cervl.objective import MIN_SHARED_PREFIX, AnswerObjective, VisionCache
+from cervl.prompts import get_prompt_style
+
+
+def _images(n, size=(112, 112), seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _batch(model, proc, answers, size=(112, 112)):
+    ls, style = get_label_set("rafdb-compound"), get_prompt_style("context")
+    text = prompt_text(proc, style, ls)
+    enc = [encode_sample(proc, text, im, a, max_length=8192) for im, a in zip(_images(len(answers), size), answers)]
+    tok = proc.tokenizer
+    batch = collate(enc, tok.pad_token_id or 0, model.config.image_token_id)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    prefix = ids[: ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))]
+    return batch, prefix
+
+
+def _reference(model, batch):
+    """The plain way: logits at every position, cross-entropy where labels are supervised."""
+    b = dict(batch)
+    labels = b.pop("labels")
+    logits = model(**b).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+
+
+def _loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _lora(model):
+    torch.manual_seed(0)
+    model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_regex=lora_target_regex())
+    with torch.no_grad():  # a non-zero B so that every LoRA matrix gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    return model
+
+
+def _assert_same(ref, got, rtol=1e-5):
+    (l0, g0), (l1, g1) = ref, got
+    assert torch.allclose(l0, l1, rtol=rtol, atol=0), (l0.item(), l1.item())
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        scale = g0[n].abs().max().clamp(min=1e-12)
+        assert ((g0[n] - g1[n]).abs().max() / scale) < 1e-4, n
+
+
+def _check_levers(model, proc, answers, size=(112, 112)):
+    batch, prefix = _batch(model, proc, answers, size)
+    assert len(prefix) >= MIN_SHARED_PREFIX
+    ref = _loss_and_grads(model, lambda: _reference(model, batch))
+    answer_only = AnswerObjective(model)
+    _assert_same(ref, _loss_and_grads(model, lambda: answer_only(**batch)))
+    shared = AnswerObjective(model, prefix=prefix)
+    _assert_same(ref, _loss_and_grads(model, lambda: shared(**batch)))
+    assert shared.shared_batches == 1
+    cache = VisionCache(model, proc, None, 64)
+    cached = AnswerObjective(model, prefix=prefix, vision_cache=cache)
+    hashes = [f"img{i}" for i in range(len(answers))]
+    for _ in range(2):  # first pass fills the cache, second reads it
+        _assert_same(ref, _loss_and_grads(model, lambda: cached(**batch, image_hashes=hashes)))
+    assert cache.hits == len(answers) and cache.misses == len(answers) and cache.hit_rate == 0.5
+    return ref
+
+
+@pytest.mark.parametrize("preset", sorted(TINY_PRESETS))
+def test_levers_are_exact_on_tiny_models(preset):
+    model, proc = build_tiny(preset, seed=1)
+    _check_levers(_lora(model), proc, ["Sadly Angry", "Happily Surprised", "Fearfully Angry"])
+
+
+def test_vision_cache_key_changes_with_the_vision_weights(tmp_path):
+    model, proc = build_tiny("tiny-qwen2-vl", seed=1)
+    a = VisionCache(model, proc, tmp_path, 0)
+    with torch.no_grad():
+        next(model.model.visual.parameters()).add_(1e-3)
+    b = VisionCache(model, proc, tmp_path, 0)
+    assert a.key("same-image") != b.key("same-image")
+    # over the memory budget, entries go to safetensors files and come back identical
+    t = torch.randn(16, 128)
+    a.put(a.key("x"), {"f": t})
+    assert (tmp_path / f"{a.key('x')}.safetensors").is_file() and torch.equal(a.get(a.key("x"))["f"], t)
+
+
+def _real_width(shared_dir, name, layers=2):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cervl.models import get_family, make_image_processor, make_processor, _transformers_attr
+
+    cfg = AutoConfig.from_pretrained(shared_dir / "qwen-vl-shapes" / name)
+    cfg.text_config.num_hidden_layers = layers
+    if hasattr(cfg.text_config, "layer_types") and cfg.text_config.layer_types:
+        cfg.text_config.layer_types = cfg.text_config.layer_types[:layers]
+    cfg.vision_config.depth = layers
+    if hasattr(cfg.vision_config, "fullatt_block_indexes"):
+        cfg.vision_config.fullatt_block_indexes = [layers - 1]
+    family = get_family(cfg.model_type)
+    torch.manual_seed(0)
+    model = _transformers_attr(family.model_class)(cfg).float()
+    tok = AutoTokenizer.from_pretrained(shared_dir / "qwen2-vl-tokenizer")
+    proc = make_processor(family, make_image_processor(family, 56 * 56, 28 * 28 * 1280), tok)
+    return model, proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2-vl-2b", "qwen2.5-vl-3b"])
+def test_levers_are_exact_at_real_width(shared_dir, name):
+    model, proc = _real_width(shared_dir, name)
+    _check_levers(_lora(model), proc, ["Sadly Angry", "Happily Surprised"], size=(112, 112))
+
+
+def test_shapes_listed(shared_dir):
+    names = sorted(p.name for p in (shared_dir / "qwen-vl-shapes").iterdir())
+    assert "qwen2-vl-2b" in names and json.loads((shared_dir / "qwen-vl-shapes" / "qwen2-vl-2b" / "config.json")
+                                                .read_text())["model_type"] == "qwen2_vl"
