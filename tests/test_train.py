@@ -192,12 +192,32 @@ def test_adapter_save_mode_reloads_by_merging_the_lineage(tmp_path, manifests):
     assert ev["confusion"] == json.loads((run / "test_metrics.json").read_text())["confusion"]
 
 
-def test_prefetch_thread_gives_the_same_adapter(tmp_path, manifests):
+def test_prefetch_thread_and_worker_processes_give_the_same_adapter(tmp_path, manifests):
     runs = {}
-    for flag in ("true", "false"):
-        cfg = recipe(tmp_path / flag, manifests, stages=1, steps=4)
-        res = cervl("train", cfg, "--no-progress", f"prefetch={flag}")
+    for name, flags in (("inline", ["prefetch=false"]), ("thread", ["prefetch=true"]), ("workers", ["num_workers=2"])):
+        cfg = recipe(tmp_path / name, manifests, stages=1, steps=4)
+        res = cervl("train", cfg, "--no-progress", *flags)
         assert res.returncode == 0, res.stderr[-3000:]
-        runs[flag] = adapter(tmp_path / flag / "run", "compound")
-    for k in runs["true"]:
-        assert torch.equal(runs["true"][k], runs["false"][k]), k
+        runs[name] = adapter(tmp_path / name / "run", "compound")
+    for name in ("thread", "workers"):
+        for k in runs["inline"]:
+            assert torch.equal(runs["inline"][k], runs[name][k]), (name, k)
+
+
+def test_length_grouped_batches_are_deterministic_and_sorted(tmp_path):
+    from cervl.data.manifest import Record
+    from cervl.data.mixture import Mixture, Sample
+
+    samples = [Sample(Record(image=f"{i}.jpg", label="Fear", label_set="rafdb-basic", split="train",
+                             dataset="x"), Path(f"/{i}.jpg")) for i in range(40)]
+    size = {s.path: (7 * i) % 13 for i, s in enumerate(samples)}  # 13 distinct "image areas"
+    a = Mixture([(samples, 1.0)], seed=3, group=8, length=lambda s: size[s.path])
+    b = Mixture([(samples, 1.0)], seed=3, group=8, length=lambda s: size[s.path])
+    order = a.take(0, 80)
+    assert order == b.take(0, 80) and a.take(30, 10) == order[30:40]  # a resumed stream is the same stream
+    for start in range(0, 80, 8):
+        group = [size[s.path] for s in order[start:start + 8]]
+        assert group == sorted(group, reverse=True)
+    assert sorted(s.path for s in order[:40]) == sorted(s.path for s in samples)  # still every sample once
+    plain = Mixture([(samples, 1.0)], seed=3).take(0, 40)
+    assert sorted(s.path for s in plain) == sorted(s.path for s in order[:40]) and plain != order[:40]

@@ -49,8 +49,8 @@ class VisionCache:
         core, _ = core_and_head(model)
         self.prefix = _fingerprint(core.visual, processor.image_processor)
         self.folder, self.budget = (Path(folder) if folder else None), budget_mb * 2**20
-        self.memory = memory if memory is not None else {}  # pass one dict to share entries across stages
-        self.used = sum(t.numel() * t.element_size() for t in self.memory.values())
+        self.memory = memory if memory is not None else {}  # one dict shared by a run's stages
+        self.used = sum(t.numel() * t.element_size() for entry in self.memory.values() for t in entry.values())
         self.hits, self.misses = 0, 0
 
     def key(self, image_hash: str) -> str:
@@ -139,9 +139,10 @@ class AnswerObjective(torch.nn.Module):
     per micro-batch, whichever levers are on.
     """
 
-    def __init__(self, model, *, prefix: list[int] | None = None, vision_cache: VisionCache | None = None):
+    def __init__(self, model, *, prefix: list[int] | None = None, vision_cache: VisionCache | None = None,
+                 full_logits: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.full_logits = model, full_logits  # full_logits: the standard way, for benchmarks
         self.prefix = list(prefix) if prefix and len(prefix) >= MIN_SHARED_PREFIX else []
         self.vision_cache = vision_cache
         self.shared_batches = 0
@@ -160,8 +161,11 @@ class AnswerObjective(torch.nn.Module):
         else:
             hidden = core(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
                           **vision).last_hidden_state
-        # Answer-only logits: the hidden state at t predicts token t+1; keep only supervised targets.
         target = labels[:, 1:]
+        if self.full_logits:  # what a standard trainer does: B x T x V logits, then mask
+            logits = head(hidden[:, :-1]).float()
+            return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+        # Answer-only logits: the hidden state at t predicts token t+1; keep only supervised targets.
         keep = target != IGNORE
         logits = head(hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, target[keep], reduction="sum")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from cervl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from cervl.config import RunConfig, StageConfig, to_dict
 from cervl.data.mixture import Mixture, Sample, load_samples
-from cervl.data.images import check_images, load_rgb
+from cervl.data.images import check_images, image_size, load_rgb
 from cervl.encode import IGNORE, collate, encode_sample, prompt_text
 from cervl.errors import UserError
 from cervl.evaluate import evaluate, test_report
@@ -228,33 +228,49 @@ class StageTrainer:
         self.setup()
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"stage {self.stage.name}", unit="step",
                    disable=not (self.progress and self.main))
-        pool = ThreadPoolExecutor(max_workers=1) if self.prefetch else None
-        pending = pool.submit(self.prepare, self.start_step) if pool and self.start_step < self.total_steps else None
         self.ddp_model.train()
         self.t_last, self.seen = time.perf_counter(), 0
-        for step in range(self.start_step, self.total_steps):
-            if pool:  # one background thread decodes and encodes step t+1 while step t trains
-                batches = pending.result()
-                if step + 1 < self.total_steps:
-                    pending = pool.submit(self.prepare, step + 1)
-            else:
-                batches = self.prepare(step)
+        for step, batches in zip(range(self.start_step, self.total_steps), self.batches()):
             loss = self.train_step(step, batches)
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             self.after_step(step, loss)
         bar.close()
-        if pool:
-            pool.shutdown()
         return self.finish()
+
+    def batches(self):
+        """Every remaining step's micro-batches, in order: from ``num_workers`` DataLoader processes, one
+        background thread (``prefetch``), or inline. ``prepare`` is a pure function of the step, so all
+        three give the same batches."""
+        steps = range(self.start_step, self.total_steps)
+        if self.cfg.num_workers > 0:
+            loader = torch.utils.data.DataLoader(_Steps(self.prepare, self.total_steps), batch_size=None,
+                                                 sampler=steps, num_workers=self.cfg.num_workers,
+                                                 collate_fn=_identity, prefetch_factor=2,
+                                                 # its own generator: seeding the workers must not advance the
+                                                 # global RNG, which drives dropout (results stay identical)
+                                                 generator=torch.Generator().manual_seed(0))
+            yield from loader
+        elif self.prefetch:  # one background thread prepares step t+1 while step t trains
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(self.prepare, steps[0]) if len(steps) else None
+                for step in steps:
+                    batches = pending.result()
+                    if step + 1 < self.total_steps:
+                        pending = pool.submit(self.prepare, step + 1)
+                    yield batches
+        else:
+            for step in steps:
+                yield self.prepare(step)
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
         stage, acc = self.stage, self.acc
-        self.mixture = Mixture([(source_samples(stage, src, self.bad), src.weight) for src in stage.data],
-                               seed=stage.seed)
         self.world, self.rank = acc.num_processes, acc.process_index
         self.global_batch = stage.batch_size * stage.grad_accum * self.world
+        self.mixture = Mixture([(source_samples(stage, src, self.bad), src.weight) for src in stage.data],
+                               seed=stage.seed, group=50 * self.global_batch if self.cfg.group_by_length else 0,
+                               length=lambda s: math.prod(image_size(s.path)))
         self.total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * self.mixture.per_epoch / self.global_batch))
         self.prompt = prompt_text(self.processor, stage.style, stage.labels)  # rendered once per stage
         self.hashes: dict = {}
@@ -507,6 +523,23 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Step number -> that step's micro-batches (for DataLoader worker processes)."""
+
+    def __init__(self, prepare, total: int):
+        self.prepare, self.total = prepare, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, step: int):
+        return self.prepare(step)
+
+
+def _identity(x):
+    return x
 
 
 def _test_kill_hook(step: int) -> None:

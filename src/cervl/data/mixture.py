@@ -59,10 +59,17 @@ def load_samples(manifest: str | Path, splits: list[str], label_set: LabelSet, *
 
 class Mixture:
     """Weighted union of sources. A weight ``w`` draws ``round(w * n)`` samples of a source per epoch
-    (with repetition when ``w > 1``), chosen afresh each epoch."""
+    (with repetition when ``w > 1``), chosen afresh each epoch.
 
-    def __init__(self, sources: list[tuple[list[Sample], float]], seed: int):
+    With ``group > 0`` (length-grouped batching), each run of ``group`` consecutive samples of an
+    epoch's shuffled order is sorted by ``length(sample)``, longest first, so a batch holds images of
+    similar size (less padding). The order stays a pure function of (seed, epoch): resuming is exact.
+    """
+
+    def __init__(self, sources: list[tuple[list[Sample], float]], seed: int, *, group: int = 0, length=None):
         self.sources, self.seed = sources, seed
+        self.group, self.length = group, length
+        self._lengths: dict = {}
         self._cache: dict[int, list[Sample]] = {}
         self.per_epoch = sum(int(round(w * len(s))) for s, w in sources)
         if self.per_epoch == 0:
@@ -77,7 +84,16 @@ class Mixture:
             idx = list(np.tile(np.arange(len(samples)), full)) + list(rng.permutation(len(samples))[:rest])
             chosen += [samples[i] for i in idx]
         order = rng.permutation(len(chosen))
-        return [chosen[i] for i in order]
+        shuffled = [chosen[i] for i in order]
+        if self.group > 1 and self.length is not None:
+            shuffled = [s for start in range(0, len(shuffled), self.group)
+                        for s in sorted(shuffled[start:start + self.group], key=self._length, reverse=True)]
+        return shuffled
+
+    def _length(self, sample: Sample) -> int:
+        if sample.path not in self._lengths:
+            self._lengths[sample.path] = self.length(sample)
+        return self._lengths[sample.path]
 
     def take(self, start: int, count: int) -> list[Sample]:
         """Samples ``start .. start+count-1`` of the endless stream of epochs."""
