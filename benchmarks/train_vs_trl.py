@@ -83,7 +83,7 @@ def run_cervl(variant: str, size, steps: int, batch: int) -> dict:
         idx = [(step * batch + i) % len(pool) for i in range(batch)]
         enc = [encode_sample(proc, text, pool[i], ANSWERS[i % len(ANSWERS)], max_length=16384) for i in idx]
         b = collate(enc, tok.pad_token_id or 0, model.config.image_token_id)
-        supervised = supervised or [int((e_labels != -100).sum()) - 0 for e_labels in b["labels"][:, 1:]]
+        supervised = supervised or [int((row != -100).sum()) for row in b["labels"][:, 1:]]
         if cache is not None:
             b["image_hashes"] = [f"img{i}" for i in idx]
         if step == 1:
@@ -112,7 +112,9 @@ def run_trl(size, steps: int, batch: int) -> dict:
     model, proc = build(size)
     from peft import LoraConfig
 
-    msgs = get_prompt_style("context").messages(get_label_set("rafdb-compound"))
+    msgs = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], list)
+             else [{"type": "text", "text": m["content"]}]}
+            for m in get_prompt_style("context").messages(get_label_set("rafdb-compound"))]
     pool = images(4 * batch, size)
     rows = [{"prompt": msgs, "completion": [{"role": "assistant", "content": [{"type": "text", "text": ANSWERS[i % 8]}]}],
              "images": [pool[i % len(pool)]]} for i in range((steps + 1) * batch)]
@@ -121,6 +123,13 @@ def run_trl(size, steps: int, batch: int) -> dict:
                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
                     completion_only_loss=True, max_length=None, bf16=False, fp16=False, seed=0)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_target_regex())
+    # The Qwen2-VL template ends every turn with "<|im_end|>\n", so TRL would also supervise the newline
+    # after the answer's <|im_end|>; cervl supervises answer + <|im_end|>. Drop that one newline after
+    # assistant turns (prompt tokens are unchanged) so both supervise the same tokens.
+    for obj in (proc, proc.tokenizer):
+        obj.chat_template = obj.chat_template.replace(
+            "{% endfor %}<|im_end|>\n{% endif %}",
+            "{% endfor %}<|im_end|>{% if message['role'] != 'assistant' %}\n{% endif %}{% endif %}")
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=proc,
                          peft_config=peft_cfg)
     times = []
@@ -132,8 +141,8 @@ def run_trl(size, steps: int, batch: int) -> dict:
             times.append(time.perf_counter())
 
     trainer.add_callback(Clock())
-    batch0 = next(iter(trainer.get_train_dataloader()))
-    supervised = [int(x) for x in (batch0["labels"][:, 1:] != -100).sum(1)]
+    first = trainer.data_collator([trainer.train_dataset[i] for i in range(batch)])  # rows 0..7, in order
+    supervised = [int(x) for x in (first["labels"][:, 1:] != -100).sum(1)]
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     dt = times[-1] - times[0]
@@ -196,12 +205,14 @@ def main() -> None:
                 continue
             rss = statistics.median(x["peak_rss_mb"] for x in ok)
             vs_trl = f"{med[v] / med['trl']:.2f}x" if "trl" in med else "n/a"
-            print(f"| {size} | {v} | {med[v]:.2f} | {med[v] / med['baseline']:.2f}x | {vs_trl} | {rss:.0f} | "
+            vs_base = f"{med[v] / med['baseline']:.2f}x" if "baseline" in med else "n/a"
+            print(f"| {size} | {v} | {med[v]:.2f} | {vs_base} | {vs_trl} | {rss:.0f} | "
                   f"{ok[0]['first_loss']:.3f} -> {ok[0]['last_loss']:.3f} |")
         if "trl" in med and "all" in med:
             trl = [x for x in results[(size, "trl")] if "error" not in x][0]
             ours = [x for x in results[(size, "all")] if "error" not in x][0]
-            same = sorted(trl["supervised_tokens"]) == sorted(ours["supervised_tokens"])
+            same = trl["supervised_tokens"] == ours["supervised_tokens"]
+            assert same, (trl["supervised_tokens"], ours["supervised_tokens"])
             print(f"\n{size}: supervised tokens per sample cervl {ours['supervised_tokens']} vs TRL "
                   f"{trl['supervised_tokens']} ({'equal' if same else 'DIFFERENT'})")
     if args.out:
