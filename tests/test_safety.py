@@ -131,32 +131,21 @@ def test_case4_extreme_aspect_ratio_is_an_error_row_naming_the_file(tmp_path, da
 
 
 def test_case4_server_answers_400_for_extreme_aspect_and_bad_length(tmp_path):
-    import http.client
-    import threading
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
 
     from cervl.models import build_tiny
     from cervl.predict import Predictor
-    from cervl.serve import make_server
+    from cervl.serve.app import create_app
 
     model, proc = build_tiny("tiny-qwen2-vl")
-    server = make_server(Predictor(model, proc, "minimal", "rafdb-compound"), port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        buf = io.BytesIO()
-        Image.new("RGB", (2000, 3)).save(buf, "PNG")
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-        conn.request("POST", "/predict", body=buf.getvalue())
-        r = conn.getresponse()
-        assert r.status == 400 and "aspect ratio" in json.loads(r.read())["error"]
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-        conn.putrequest("POST", "/predict")
-        conn.putheader("Content-Length", "abc")
-        conn.endheaders()
-        r = conn.getresponse()
-        assert r.status == 400 and "Content-Length" in json.loads(r.read())["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 3)).save(buf, "PNG")
+    with TestClient(create_app(Predictor(model, proc, "minimal", "rafdb-compound"))) as client:
+        r = client.post("/v1/predict", content=buf.getvalue(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 400 and "aspect ratio" in r.json()["error"]
+        r = client.post("/v1/predict", content=b"x", headers={"Content-Type": "image/png", "Content-Length": "abc"})
+        assert r.status_code == 400 and "Content-Length" in r.json()["error"]
 
 
 def test_case5_bad_training_images_are_all_reported_before_step_0(tmp_path, data):
