@@ -21,6 +21,7 @@ import hmac
 import io
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,52 +126,32 @@ async def _json_asgi(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(predictor, settings: ServeSettings | None = None, *, run_info: dict | None = None):
-    """The FastAPI app around a :class:`cervl.predict.Predictor` (model calls in one worker thread)."""
-    settings = settings or ServeSettings()
-    metrics, worker = Metrics(), ModelWorker()
-    batcher = MicroBatcher(predictor, worker, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                           metrics=metrics)
-    jobs = VideoJobs(SerialPredictor(predictor, worker, metrics), every=settings.video_every)
-    state = {"ready": False, "aligner": None}
-    classes = list(predictor.label_set.classes)
+class Service:
+    """The server's state and request handlers (the routes are registered by :func:`create_app`)."""
 
-    from contextlib import asynccontextmanager
+    def __init__(self, predictor, settings: ServeSettings, run_info: dict | None):
+        self.predictor, self.settings, self.run_info = predictor, settings, run_info or {}
+        self.metrics, self.worker = Metrics(), ModelWorker()
+        self.batcher = MicroBatcher(predictor, self.worker, max_batch=settings.max_batch,
+                                    max_wait_ms=settings.max_wait_ms, metrics=self.metrics)
+        self.jobs = VideoJobs(SerialPredictor(predictor, self.worker, self.metrics), every=settings.video_every)
+        self.ready, self.aligner = False, None
+        self.classes = list(predictor.label_set.classes)
 
     @asynccontextmanager
-    async def lifespan(app):
-        batcher.start()
-        state["ready"] = True
+    async def lifespan(self, app):
+        self.batcher.start()
+        self.ready = True
         yield
-        state["ready"] = False
-        await batcher.stop()
-        jobs.close()
-        worker.close()
+        self.ready = False
+        await self.batcher.stop()
+        self.jobs.close()
+        self.worker.close()
 
-    app = FastAPI(title="cervl", version="1", lifespan=lifespan,
-                  description="Compound expression recognition with a fine-tuned Qwen-VL: exact class probabilities.")
-    app.state.metrics, app.state.batcher, app.state.jobs = metrics, batcher, jobs
-
-    @app.exception_handler(HTTPError)
-    async def _http_error(request, exc: HTTPError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, exc):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _fault(request, exc):
-        log.exception("server fault on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal server error (logged)"}, status_code=500)
-
-    @app.middleware("http")
-    async def _auth_and_metrics(request: Request, call_next):
+    async def auth_and_metrics(self, request: Request, call_next):
         t0, path = time.perf_counter(), request.url.path
         protected = path.startswith("/v1/") or path == "/metrics"
-        if settings.api_key and protected and not _authorized(request, settings.api_key):
+        if self.settings.api_key and protected and not _authorized(request, self.settings.api_key):
             response = JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"},
                                     status_code=401)
         else:
@@ -178,102 +159,86 @@ def create_app(predictor, settings: ServeSettings | None = None, *, run_info: di
                 response = await call_next(request)
             except HTTPError as e:  # raised by the body limit while streaming
                 response = JSONResponse({"error": e.message}, status_code=e.status)
-        endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
-        metrics.request(endpoint, response.status_code, time.perf_counter() - t0)
+        route = request.scope.get("route")
+        self.metrics.request(route.path if route else "other", response.status_code, time.perf_counter() - t0)
         return response
 
-    async def score_one(image: Image.Image, align: bool) -> dict:
+    # --- scoring ------------------------------------------------------------------------------
+    async def score_one(self, image: Image.Image, align: bool) -> dict:
         t0 = time.perf_counter()
         face = None
         if align:
-            image, face = await _align(image)
+            image, face = await self._align(image)
             if image is None:
                 return {"face": face, "pred": None, "probs": None, "top2": None,
                         "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
         try:
-            probs = await asyncio.wait_for(batcher.score(image), settings.request_timeout_s)
+            probs = await asyncio.wait_for(self.batcher.score(image), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
-            raise HTTPError(504, f"the model did not answer within {settings.request_timeout_s:g} s") from None
-        order = probs.argsort()[::-1]
+            raise HTTPError(504, f"the model did not answer within {self.settings.request_timeout_s:g} s") from None
+        order, classes = probs.argsort()[::-1], self.classes
         return {"face": face, "pred": classes[int(order[0])],
                 "probs": {c: round(float(p), 6) for c, p in zip(classes, probs)},
                 "top2": [[classes[int(i)], round(float(probs[i]), 6)] for i in order[:2]],
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
-    async def _align(image):
+    async def _align(self, image):
         from cervl.faces.pipeline import FaceAligner
 
-        if state["aligner"] is None:
+        if self.aligner is None:
             # only the largest face is scored: the largest-first search finds it with less work
-            state["aligner"] = FaceAligner("mtcnn", search="largest")
-        res = (await asyncio.to_thread(state["aligner"].align, image))[0]
+            self.aligner = FaceAligner("mtcnn", search="largest")
+        res = (await asyncio.to_thread(self.aligner.align, image))[0]
         return res.crop, {"status": res.status, "box": res.box, "faces": res.n_faces}
 
-    async def read_images(request: Request, *, many: bool) -> tuple[list[Image.Image], dict]:
-        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        form_fields: dict = {}
-        if ctype == "multipart/form-data":
-            form = await request.form(max_files=settings.max_batch_images, max_fields=16)
-            uploads = form.getlist("files" if many else "file") or form.getlist("file") or form.getlist("files")
-            blobs = [await u.read() for u in uploads if hasattr(u, "read")]
-            form_fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        elif ctype == "application/json":
-            try:
-                payload = await request.json()
-                raw = payload["images"] if many else [payload["image_base64"]]
-                blobs = [base64.b64decode(b, validate=True) for b in raw]
-            except (ValueError, KeyError, TypeError, binascii.Error) as e:
-                key = "images" if many else "image_base64"
-                raise HTTPError(400, f"JSON body must be {{\"{key}\": ...}} with base64 image data ({e})") from None
-            form_fields = {k: v for k, v in payload.items() if k == "align"}
-        elif ctype.startswith("image/") or ctype == "application/octet-stream":
-            blobs = [await request.body()]
-        else:
-            raise HTTPError(415, f"unsupported content type {ctype or '(none)'!r}; send multipart/form-data, "
-                                 f"application/json or image/*")
+    @asynccontextmanager
+    async def arriving(self):
+        """While a request is read and decoded, a forming batch may wait for it (see MicroBatcher)."""
+        self.batcher.arriving += 1
+        try:
+            yield
+        finally:
+            self.batcher.arriving -= 1
+
+    # --- reading requests ---------------------------------------------------------------------
+    async def read_images(self, request: Request, *, many: bool) -> tuple[list[Image.Image], dict]:
+        blobs, fields = await _request_blobs(request, many, self.settings.max_batch_images)
         if not blobs:
             raise HTTPError(400, "no image in the request (multipart field 'file'/'files')")
-        if len(blobs) > settings.max_batch_images:
-            raise HTTPError(413, f"{len(blobs)} images exceed the limit of {settings.max_batch_images} per request")
-        images = await asyncio.to_thread(lambda: [decode_image(b, settings.max_pixels, f"image {i}" if many else
-                                                               "image") for i, b in enumerate(blobs)])
-        return images, form_fields
+        if len(blobs) > self.settings.max_batch_images:
+            raise HTTPError(413, f"{len(blobs)} images exceed the limit of {self.settings.max_batch_images} per request")
+        limit = self.settings.max_pixels
+        images = await asyncio.to_thread(lambda: [decode_image(b, limit, f"image {i}" if many else "image")
+                                                  for i, b in enumerate(blobs)])
+        return images, fields
 
-    def align_flag(request: Request, fields: dict) -> bool:
+    def align_flag(self, request: Request, fields: dict) -> bool:
         value = request.query_params.get("align", fields.get("align"))
         if value is None:
-            return settings.align
+            return self.settings.align
         if isinstance(value, bool):
             return value
         if str(value).lower() not in ("true", "false", "1", "0"):
             raise HTTPError(400, f"align must be true or false, got {value!r}")
         return str(value).lower() in ("true", "1")
 
-    @asynccontextmanager
-    async def arriving():
-        """While a request is read and decoded, a forming batch may wait for it (see MicroBatcher)."""
-        batcher.arriving += 1
-        try:
-            yield
-        finally:
-            batcher.arriving -= 1
+    # --- endpoints ----------------------------------------------------------------------------
+    async def predict(self, request: Request):
+        """Predict one image."""
+        async with self.arriving():
+            images, fields = await self.read_images(request, many=False)
+            align = self.align_flag(request, fields)
+        return await self.score_one(images[0], align)
 
-    @app.post("/v1/predict", summary="Predict one image")
-    async def predict(request: Request):
-        async with arriving():
-            images, fields = await read_images(request, many=False)
-            align = align_flag(request, fields)
-        return await score_one(images[0], align)
+    async def predict_batch(self, request: Request):
+        """Predict several images."""
+        async with self.arriving():
+            images, fields = await self.read_images(request, many=True)
+            align = self.align_flag(request, fields)
+        return {"results": list(await asyncio.gather(*(self.score_one(im, align) for im in images)))}
 
-    @app.post("/v1/predict/batch", summary="Predict several images")
-    async def predict_batch(request: Request):
-        async with arriving():
-            images, fields = await read_images(request, many=True)
-            align = align_flag(request, fields)
-        return {"results": list(await asyncio.gather(*(score_one(im, align) for im in images)))}
-
-    @app.post("/v1/predict/video", status_code=202, summary="Start a video job (poll GET /v1/jobs/{id})")
-    async def predict_video(request: Request):
+    async def predict_video(self, request: Request):
+        """Start a video job; poll GET /v1/jobs/{id}."""
         ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype != "multipart/form-data":
             raise HTTPError(415, "send the video as multipart/form-data, field 'file'")
@@ -285,44 +250,103 @@ def create_app(predictor, settings: ServeSettings | None = None, *, run_info: di
         if not data:
             raise HTTPError(400, "empty video file")
         try:
-            job = await asyncio.to_thread(jobs.submit, data, getattr(upload, "filename", None) or "video",
-                                          settings.max_video_seconds)
+            job = await asyncio.to_thread(self.jobs.submit, data, getattr(upload, "filename", None) or "video",
+                                          self.settings.max_video_seconds)
         except ValueError as e:
             raise HTTPError(400 if "cannot" in str(e) else 413, str(e)) from None
-        return {"job": job.id, "status": job.status, "status_url": f"/v1/jobs/{job.id}"}
+        return JSONResponse({"job": job.id, "status": job.status, "status_url": f"/v1/jobs/{job.id}"},
+                            status_code=202)
 
-    @app.get("/v1/jobs/{job_id}", summary="A video job's progress or result")
-    async def job_status(job_id: str):
-        job = jobs.get(job_id)
+    async def job_status(self, job_id: str):
+        """A video job's progress, then its result."""
+        job = self.jobs.get(job_id)
         if job is None:
             raise HTTPError(404, f"no job {job_id!r}")
         return job.to_json()
 
-    @app.get("/v1/model", summary="The model: label set, prompt style, lineage, base model")
-    async def model_info():
-        info = run_info or {}
-        return {"label_set": predictor.label_set.name, "classes": classes, "prompt": predictor.style.name,
-                "base_model": info.get("base_model"), "lineage": info.get("lineage", []),
-                "run": info.get("run"), "max_batch": settings.max_batch, "align_default": settings.align}
+    async def model_info(self):
+        """The model: label set, prompt style, lineage, base model."""
+        info = self.run_info
+        return {"label_set": self.predictor.label_set.name, "classes": self.classes,
+                "prompt": self.predictor.style.name, "base_model": info.get("base_model"),
+                "lineage": info.get("lineage", []), "run": info.get("run"), "max_batch": self.settings.max_batch,
+                "align_default": self.settings.align}
 
-    @app.get("/health")
-    async def health():
+    async def health(self):
         return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready():
-        if not state["ready"]:
+    async def ready_(self):
+        if not self.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
-        return {"status": "ready", "label_set": predictor.label_set.name}
+        return {"status": "ready", "label_set": self.predictor.label_set.name}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus(self):
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/", include_in_schema=False)
-    async def page():
+    async def page(self):
         return FileResponse(STATIC / "index.html")
 
+
+async def _request_blobs(request: Request, many: bool, max_files: int) -> tuple[list[bytes], dict]:
+    """The image bytes of a request: multipart (``file``/``files``), JSON base64, or a raw image body."""
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=max_files, max_fields=16)
+        uploads = form.getlist("files" if many else "file") or form.getlist("file") or form.getlist("files")
+        return [await u.read() for u in uploads if hasattr(u, "read")], {k: v for k, v in form.items()
+                                                                          if isinstance(v, str)}
+    if ctype == "application/json":
+        key = "images" if many else "image_base64"
+        try:
+            payload = await request.json()
+            raw = payload["images"] if many else [payload["image_base64"]]
+            return [base64.b64decode(b, validate=True) for b in raw], {k: v for k, v in payload.items()
+                                                                       if k == "align"}
+        except (ValueError, KeyError, TypeError, binascii.Error) as e:
+            raise HTTPError(400, f"JSON body must be {{\"{key}\": ...}} with base64 image data ({e})") from None
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return [await request.body()], {}
+    raise HTTPError(415, f"unsupported content type {ctype or '(none)'!r}; send multipart/form-data, "
+                         f"application/json or image/*")
+
+
+async def _http_error(request, exc: HTTPError):
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+async def _validation_error(request, exc):
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+
+async def _server_fault(request, exc):
+    log.exception("server fault on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "internal server error (logged)"}, status_code=500)
+
+
+def create_app(predictor, settings: ServeSettings | None = None, *, run_info: dict | None = None) -> FastAPI:
+    """The FastAPI app around a :class:`cervl.predict.Predictor` (model calls in one worker thread)."""
+    settings = settings or ServeSettings()
+    svc = Service(predictor, settings, run_info)
+    app = FastAPI(title="cervl", version="1", lifespan=svc.lifespan,
+                  description="Compound expression recognition with a fine-tuned Qwen-VL: exact class probabilities.")
+    app.state.service, app.state.metrics = svc, svc.metrics
+    app.add_exception_handler(HTTPError, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _server_fault)
+    app.middleware("http")(svc.auth_and_metrics)
+    for path, endpoint, method, summary in (
+            ("/v1/predict", svc.predict, "POST", "Predict one image"),
+            ("/v1/predict/batch", svc.predict_batch, "POST", "Predict several images"),
+            ("/v1/predict/video", svc.predict_video, "POST", "Start a video job (poll GET /v1/jobs/{id})"),
+            ("/v1/jobs/{job_id}", svc.job_status, "GET", "A video job's progress or result"),
+            ("/v1/model", svc.model_info, "GET", "The model: label set, prompt style, lineage, base model"),
+            ("/health", svc.health, "GET", "Liveness"),
+            ("/ready", svc.ready_, "GET", "Readiness"),
+            ("/metrics", svc.prometheus, "GET", "Prometheus metrics")):
+        app.add_api_route(path, endpoint, methods=[method], summary=summary)
+    app.add_api_route("/", svc.page, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     limits = {"/v1/predict/video": settings.max_video_bytes}
     app.add_middleware(BodyLimit, limit_for=lambda path: limits.get(path, settings.max_body_bytes))
