@@ -59,6 +59,8 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
         fh = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else Path(source)
         with Image.open(fh) as im:
             return to_rgb(im, source)
+    except ImageError:
+        raise  # already names the file (an InvalidInput, hence a ValueError: keep it out of the clause below)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise ImageError(f"{_name(source)}: {e.strerror or e}") from None
     except Image.UnidentifiedImageError:
