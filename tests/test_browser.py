@@ -3,7 +3,6 @@
 Screenshots of every state are saved under the test's tmp dir (and, with CERVL_SCREENSHOTS=DIR, there).
 """
 
-import io
 import os
 import shutil
 import socket

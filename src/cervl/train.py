@@ -29,14 +29,14 @@ from tqdm import tqdm
 
 from cervl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from cervl.config import RunConfig, StageConfig, to_dict
-from cervl.data.mixture import Mixture, Sample, load_samples
 from cervl.data.images import check_images, image_size, load_rgb
+from cervl.data.mixture import Mixture, Sample, load_samples
 from cervl.encode import IGNORE, collate, encode_sample, prompt_text
 from cervl.errors import UserError
 from cervl.evaluate import evaluate, test_report
-from cervl.objective import AnswerObjective, VisionCache, file_hash
 from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build_tiny, default_attn_implementation,
                           load_model, lora_target_regex, merge_lora, save_model)
+from cervl.objective import AnswerObjective, VisionCache, file_hash
 from cervl.predict.predictor import Predictor
 from cervl.run import (EXTRA, RunLock, RunMeta, apply_stage, base_entry, base_weights, check_config, claim_run_dir,
                        relative, remove_checkpoints, save_final, stage_dir, write_json)
