@@ -52,6 +52,28 @@ def timed(fn, repeats=2):
     return (time.perf_counter() - t0) / repeats
 
 
+def train_step_seconds(base, proc, text, ims, ls) -> float:
+    """One LoRA r16 step with cervl's objective (shared prefix, answer-only logits), on a copy of ``base``."""
+    from cervl.encode import collate, encode_sample
+    from cervl.models import apply_lora, lora_target_regex
+    from cervl.objective import AnswerObjective
+
+    model = apply_lora(copy.deepcopy(base), rank=16, alpha=32, dropout=0.0, target_regex=lora_target_regex())
+    tok = proc.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    objective = AnswerObjective(model, prefix=ids[: ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))])
+    enc = [encode_sample(proc, text, im, ls.classes[i], max_length=16384) for i, im in enumerate(ims)]
+    batch = collate(enc, tok.pad_token_id or 0, model.config.image_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        objective(**batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="112x112,448x336")
@@ -61,10 +83,8 @@ def main() -> None:
         sys.exit(f"needs {SHARED}/qwen-vl-shapes and qwen2-vl-tokenizer (set CERVL_SHARED)")
     from transformers import DynamicCache
 
-    from cervl.encode import collate, encode_sample, prompt_text
+    from cervl.encode import prompt_text
     from cervl.labels import get_label_set
-    from cervl.models import apply_lora, lora_target_regex
-    from cervl.objective import AnswerObjective
     from cervl.predict import Predictor
     from cervl.predict.scoring import LabelScorer
 
@@ -79,23 +99,7 @@ def main() -> None:
     for size_text in args.sizes.split(","):
         size = tuple(int(v) for v in size_text.split("x"))
         ims = images(args.batch, size)
-        # training step
-        model = apply_lora(copy.deepcopy(base), rank=16, alpha=32, dropout=0.0, target_regex=lora_target_regex())
-        tok = proc.tokenizer
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        prefix = ids[: ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))]
-        objective = AnswerObjective(model, prefix=prefix)
-        enc = [encode_sample(proc, text, im, ls.classes[i], max_length=16384) for i, im in enumerate(ims)]
-        batch = collate(enc, tok.pad_token_id or 0, model.config.image_token_id)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():
-            objective(**batch).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step_s = timed(step, 1)
-        del model, objective, opt
+        step_s = train_step_seconds(base, proc, text, ims, ls)
         # scoring, generation and the floor, on the base model
         pred = Predictor(base, proc, "context", ls)
         scorer = LabelScorer(base, proc, pred.style, ls)
