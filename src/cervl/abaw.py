@@ -73,9 +73,18 @@ def abaw_submission(predictor: Predictor, root: Path, out: Path, *, every: int =
     """
     challenge_indices(predictor.label_set)  # fail before any video is decoded
     inputs = list_videos(root)
+    results = predict_videos(predictor, inputs, every=every, smoothing=smoothing, **video_options)
+    return write_submission(results, inputs, predictor.label_set, out, every=every)
+
+
+def write_submission(results, inputs: list[Path], label_set: LabelSet, out: Path, *, every: int = 1) -> Submission:
+    """The submission from per-video results ``(index in inputs, rows | error text)``, in any order.
+
+    Shared by the one-machine path and ``--engine ray``, so both write the same bytes.
+    """
     per_video: dict[int, list[dict]] = {}
     failed: list[str] = []
-    for i, result in predict_videos(predictor, inputs, every=every, smoothing=smoothing, **video_options):
+    for i, result in results:
         video = inputs[i]
         if isinstance(result, str):
             log.error("%s", result)
@@ -83,10 +92,10 @@ def abaw_submission(predictor: Predictor, root: Path, out: Path, *, every: int =
         elif all(r.get("probs_smoothed") is None for r in result):
             failed.append(f"{video} (no face in any frame)")
         else:
-            per_video[i] = narrow(fill_every_frame(result, video) if every > 1 else result, predictor.label_set)
+            per_video[i] = narrow(fill_every_frame(result, video) if every > 1 else result, label_set)
     rows = [r for i in sorted(per_video) for r in per_video[i]]
     write_abaw_submission(rows, out)
-    return Submission(Path(out), len(rows), len(per_video), failed)
+    return Submission(Path(out), len(rows), len(per_video), sorted(failed))
 
 
 ABAW_HEADER = ("image_location,Fearfully_Surprised,Happily_Surprised,Sadly_Surprised,Disgustedly_Surprised,"

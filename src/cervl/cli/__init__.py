@@ -66,19 +66,22 @@ def _run_prepare(args) -> int:
 
 
 def _run_align(args) -> int:
+    from cervl.cli.scale import align_hooks
     from cervl.faces.dataset import align_images, align_videos, list_video_inputs
     from cervl.faces.video import is_video
 
+    hooks = align_hooks(args)  # --engine ray: the same outputs, computed on a Ray cluster
     if args.videos or (args.input.is_file() and is_video(args.input)):
         summary = align_videos(list_video_inputs(args.input), args.out, label_set=args.label_set, split=args.split,
-                               size=args.size, every=args.every, **_face_kwargs(args), **_tracking(args))
+                               size=args.size, every=args.every, events_fn=hooks.get("events_fn"),
+                               **_face_kwargs(args), **_tracking(args))
         lost = sum(v.get("lost", 0) for v in summary["per_video"].values())
         print(f"{summary['videos']} videos -> {summary['crops']} aligned frames in {args.out / 'frames'} ({lost} "
               f"frames without a face, {len(summary['failed'])} videos failed)")
     else:
         summary = align_images(args.input, args.out, label_set=args.label_set, split=args.split, size=args.size,
                                faces=args.faces, fallback=args.fallback, batch_size=args.batch_size,
-                               **_face_kwargs(args))
+                               align_fn=hooks.get("align_fn"), **_face_kwargs(args))
         print(f"{summary['inputs']} images -> {summary['crops']} aligned crops in {args.out / 'crops'}; status: "
               + ", ".join(f"{k} {v}" for k, v in sorted(summary["status"].items())))
     print(f"manifest: {args.out / 'manifest.jsonl'}")
@@ -167,6 +170,13 @@ def _run_predict(args) -> int:
     items += items_from_paths([p for p, v in zip(args.inputs, is_vid) if not v])
     if not items and not videos:
         raise UserError("nothing to predict: give image files/folders, videos or --manifest (with a non-empty --split)")
+    if args.engine == "ray":
+        from cervl.cli import scale
+
+        return scale.predict(args, items, videos, {"detector": args.detector, "options": _detector_options(args)},
+                             _tracking(args))
+    if args.format != "jsonl":
+        raise UserError("--format parquet needs --engine ray (the local engine writes JSON Lines)")
     predictor = Predictor.from_run(args.run)
     if items and args.align:
         align_items(items, detector=args.detector, detector_options=_detector_options(args), workers=args.workers)
@@ -210,6 +220,10 @@ def _run_abaw(args) -> int:
     from cervl.abaw import abaw_submission
     from cervl.predict import Predictor
 
+    if args.engine == "ray":
+        from cervl.cli import scale
+
+        return scale.abaw(args, {"detector": args.detector, "options": _detector_options(args)}, _tracking(args))
     sub = abaw_submission(Predictor.from_run(args.run), args.root, args.out, every=args.every,
                           smoothing=args.smoothing, **_face_kwargs(args), **_tracking(args))
     print(f"wrote {sub.rows} frame predictions for {sub.videos} videos to {sub.path}")

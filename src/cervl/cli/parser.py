@@ -27,6 +27,27 @@ def _face_options(p, *, video: bool = True) -> None:
                        "frames; optical flow in between (1 = O-Net on every frame)")
 
 
+def _ray_options(p, *, output_format: bool = False) -> None:
+    """--engine ray and its options (predict, align, abaw); see README "Scale out"."""
+    g = p.add_argument_group("scale-out (Ray)")
+    g.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this machine (--workers processes); ray: a Ray cluster (pip install 'cervl[ray]')")
+    g.add_argument("--ray-address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    g.add_argument("--actors", type=int, help="ray: fixed number of predictor actors")
+    g.add_argument("--min-actors", type=int, help="ray: autoscaling pool, fewest actors (default 1)")
+    g.add_argument("--max-actors", type=int, help="ray: autoscaling pool, most actors (default 2)")
+    g.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="ray: GPUs per actor (0 on CPU)")
+    g.add_argument("--cpus-per-actor", type=float, help="ray: CPUs per actor (default: 1 with GPUs; else the "
+                   "cluster's CPUs left after one decode task, shared by the actors)")
+    g.add_argument("--cpus-per-task", type=float, default=0.5, help="ray: CPUs per decode/align task (default 0.5)")
+    g.add_argument("--shard-size", type=int, default=64, help="ray: images per shard, the unit of retry and resume")
+    g.add_argument("--ship-run", action="store_true", help="ray: send the run's weights through the object store "
+                   "(small runs) instead of reading --run on every node")
+    if output_format:
+        g.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"],
+                       help="ray: output JSON Lines (default) or a Parquet dataset folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cervl", description="Compound Expression Recognition with large Vision-Language models")
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -78,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-set", default="basic-7", help="label set of the output records for folder input")
     p.add_argument("--split", default="test", help="split of the output records for folder input")
     p.add_argument("--batch-size", type=int, default=8)
+    _ray_options(p)
 
     p = add("train", help="run a staged training recipe (YAML) and evaluate it", description="Re-running the same "
             "command resumes: finished stages are reused and an interrupted stage continues from its checkpoint.")
@@ -104,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=1.5, help="Gaussian smoothing sigma (frames)")
     p.add_argument("--plot", action="store_true", help="videos: write <out>.<video>.png of probabilities over time")
     p.add_argument("-o", "--out", required=True, type=Path, help="predictions JSONL")
+    _ray_options(p, output_format=True)
 
     p = add("abaw", help="ABAW compound-expression submission file for a folder of C-EXPR-DB videos",
             description="ROOT holds the test videos or one folder of frames per video. Every frame gets a line "
@@ -114,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=1, help="score every Nth frame; others take the nearest score")
     p.add_argument("--smoothing", default="gaussian", choices=["none", "moving", "gaussian"])
     _face_options(p)
+    _ray_options(p)
 
     p = add("eval", help="metrics, plots and an HTML report from a predictions JSONL")
     p.add_argument("predictions", type=Path)

@@ -41,8 +41,12 @@ def image_jobs(source: Path, *, label_set: str, split: str) -> list[tuple[Record
 
 def align_images(source: Path, out: Path, *, label_set: str = "basic-7", split: str = "test", size: int = 112,
                  faces: str = "largest", fallback: str = "skip", detector: str = "mtcnn",
-                 detector_options: dict | None = None, workers: int = 1, batch_size: int = 8) -> dict:
-    """Align every photo of ``source``; returns the summary (also written to ``OUT/summary.json``)."""
+                 detector_options: dict | None = None, workers: int = 1, batch_size: int = 8, align_fn=None) -> dict:
+    """Align every photo of ``source``; returns the summary (also written to ``OUT/summary.json``).
+
+    ``align_fn``: what aligns the files, :func:`~cervl.faces.pipeline.align_files` by default (the
+    Ray engine passes its own, with the same signature and results).
+    """
     out = Path(out)
     jobs = image_jobs(source, label_set=label_set, split=split)
     if not jobs:
@@ -50,7 +54,7 @@ def align_images(source: Path, out: Path, *, label_set: str = "basic-7", split: 
     crops_dir = out / "crops"
     crops_dir.mkdir(parents=True, exist_ok=True)
     records, statuses, log_rows = [], Counter(), []
-    aligned = align_files([path for _, path, _ in jobs], [lm for _, _, lm in jobs], detector=detector,
+    aligned = (align_fn or align_files)([path for _, path, _ in jobs], [lm for _, _, lm in jobs], detector=detector,
                           detector_options=detector_options, workers=workers, chunk_size=batch_size, size=size,
                           faces=faces, fallback=fallback)
     for i, results in tqdm(aligned, total=len(jobs), desc="align", unit="img"):
@@ -92,12 +96,13 @@ def list_video_inputs(source: Path) -> list[Path]:
 
 def align_videos(videos: list[Path], out: Path, *, label_set: str = "basic-7", split: str = "test",
                  size: int = 112, every: int = 1, detector: str = "mtcnn", detector_options: dict | None = None,
-                 workers: int = 1, **tracking) -> dict:
+                 workers: int = 1, events_fn=None, **tracking) -> dict:
     """Tracked, aligned face crops per frame of every video, a manifest and a summary.
 
     A video's crops and records are kept only once it is fully processed: a video that fails half
     way is reported (summary, log) and its partial folder removed, and the other videos go on.
     ``tracking``: ``redetect_every`` and ``verify_every`` of :func:`cervl.faces.video.track_faces`.
+    ``events_fn``: the event source, :func:`~cervl.faces.video.many_video_faces` by default.
     """
     out = Path(out)
     names = [video_name(v) for v in videos]
@@ -107,7 +112,7 @@ def align_videos(videos: list[Path], out: Path, *, label_set: str = "basic-7", s
     records: dict[int, list[Record]] = {i: [] for i in range(len(videos))}
     counts: dict[int, Counter] = {i: Counter() for i in range(len(videos))}
     failed: dict[str, str] = {}
-    events = many_video_faces(videos, detector=detector, detector_options=detector_options, workers=workers,
+    events = (events_fn or many_video_faces)(videos, detector=detector, detector_options=detector_options, workers=workers,
                               every=every, size=size, **tracking)
     for kind, i, payload in tqdm(events, desc="align videos", unit="chunk"):
         folder = out / "frames" / names[i]

@@ -143,10 +143,13 @@ def _video_events(i: int, path, det: FaceDetector, options: dict, chunk: int) ->
         if buf:
             yield "frames", i, buf
         yield "done", i, None
-    except (VideoError, ValueError) as e:
-        yield "error", i, str(e)
     except Exception as e:  # noqa: BLE001 - reported per video, the other videos go on
-        yield "error", i, f"{path}: {type(e).__name__}: {e}"
+        yield "error", i, video_error_text(path, e)
+
+
+def video_error_text(path, e: Exception) -> str:
+    """The error row text of a video that failed: the decoder's own message, or the path and the exception."""
+    return str(e) if isinstance(e, (VideoError, ValueError)) else f"{path}: {type(e).__name__}: {e}"
 
 
 def _video_worker(tasks, results, paths, detector: str, detector_options: dict, options: dict, chunk: int) -> None:

@@ -90,15 +90,21 @@ def align_items(items: list[Item], *, detector: str = "mtcnn", detector_options:
     aligned = align_files([item.image for item in items], detector=detector, detector_options=detector_options,
                           workers=workers)
     for i, res in tqdm(aligned, total=len(items), desc="align", unit="img"):
-        item = items[i]
-        if isinstance(res, str):
-            item.error = res
-            continue
-        item.face_status = res[0].status
-        item.crop = res[0].crop
-        if item.crop is None:
-            item.error = f"no face found ({item.face_status})"
+        apply_alignment(items[i], res)
     return items
+
+
+def apply_alignment(item: Item, res) -> Item:
+    """Put one alignment result (a list of :class:`~cervl.faces.pipeline.AlignResult`, or an error text)
+    on ``item``: its largest face's crop and status, or ``error``."""
+    if isinstance(res, str):
+        item.error = res
+        return item
+    item.face_status = res[0].status
+    item.crop = res[0].crop
+    if item.crop is None:
+        item.error = f"no face found ({item.face_status})"
+    return item
 
 
 def write_predictions(path: str | Path, rows: list[dict], meta: dict) -> None:
@@ -204,4 +210,5 @@ class Predictor:
                 rows[slot] = {**item.row(), "pred": parsed, "raw": raw, "latency_ms": latency}
 
 
-__all__ = ["Item", "Predictor", "items_from_manifest", "items_from_paths", "align_items", "write_predictions"]
+__all__ = ["Item", "Predictor", "align_items", "apply_alignment", "items_from_manifest", "items_from_paths",
+           "write_predictions"]

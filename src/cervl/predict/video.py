@@ -43,31 +43,41 @@ class VideoScorer:
     def rows(self, smoothing: str = "gaussian", window: int = 5, sigma: float = 1.5) -> list[dict]:
         if self.pending:
             self._flush()
-        if not self.frames:
-            raise ValueError(f"{self.video}: no frames decoded")
-        classes, video = self.predictor.label_set.classes, self.video
-        raw = np.stack(self.raw)
-        have = [i for i in range(len(self.frames)) if not np.isnan(raw[i, 0])]
-        # Fill frames without a face from the nearest frame with one, then smooth over time.
-        filled = raw.copy()
+        return video_rows(self.video, self.frames, self.raw, self.predictor.label_set.classes, smoothing,
+                          window, sigma)
+
+
+def video_rows(video: str, frames: list, raw: list, classes: tuple[str, ...], smoothing: str = "gaussian",
+               window: int = 5, sigma: float = 1.5) -> list[dict]:
+    """One video's prediction rows from its frames (:class:`~cervl.faces.video.FrameFace` metadata) and
+    their raw probabilities (NaN rows for frames without a face): gap filling, smoothing, arg-max.
+
+    Shared by the one-machine path (:class:`VideoScorer`) and the Ray engine, so both give the same rows.
+    """
+    if not frames:
+        raise ValueError(f"{video}: no frames decoded")
+    raw = np.stack(raw)
+    have = [i for i in range(len(frames)) if not np.isnan(raw[i, 0])]
+    # Fill frames without a face from the nearest frame with one, then smooth over time.
+    filled = raw.copy()
+    if have:
+        idx = np.array(have)
+        for i in range(len(frames)):
+            if np.isnan(filled[i, 0]):
+                filled[i] = raw[idx[np.argmin(np.abs(idx - i))]]
+        smoothed = smooth(filled, smoothing, window=window, sigma=sigma)
+    rows = []
+    for i, f in enumerate(frames):
+        row = {"video": video, "frame": f.frame, "id": f"{video}/{f.frame:05d}", "status": f.status,
+               "box": f.box,
+               "probs": None if np.isnan(raw[i, 0]) else {c: round(float(v), 6) for c, v in zip(classes, raw[i])}}
         if have:
-            idx = np.array(have)
-            for i in range(len(self.frames)):
-                if np.isnan(filled[i, 0]):
-                    filled[i] = raw[idx[np.argmin(np.abs(idx - i))]]
-            smoothed = smooth(filled, smoothing, window=window, sigma=sigma)
-        rows = []
-        for i, f in enumerate(self.frames):
-            row = {"video": video, "frame": f.frame, "id": f"{video}/{f.frame:05d}", "status": f.status,
-                   "box": f.box,
-                   "probs": None if np.isnan(raw[i, 0]) else {c: round(float(v), 6) for c, v in zip(classes, raw[i])}}
-            if have:
-                row["probs_smoothed"] = {c: round(float(v), 6) for c, v in zip(classes, smoothed[i])}
-                row["pred"] = classes[int(smoothed[i].argmax())]
-            else:
-                row["pred"] = None
-            rows.append(row)
-        return rows
+            row["probs_smoothed"] = {c: round(float(v), 6) for c, v in zip(classes, smoothed[i])}
+            row["pred"] = classes[int(smoothed[i].argmax())]
+        else:
+            row["pred"] = None
+        rows.append(row)
+    return rows
 
 
 def predict_video(predictor: Predictor, path, detector, *, every: int = 1, smoothing: str = "gaussian",
