@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned: 2.13.0 resolves to the CPU wheel; a looser spec would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,faces,serve]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,faces,serve,ray]"
 	# MTCNN weights ship inside this wheel; its old pins do not apply since cervl never imports it.
 	$(BIN)/python -m pip install --quiet --no-deps facenet-pytorch==2.6.0
 	touch $(STAMP)
@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python benchmarks/synth_rate.py
 
 clean:

@@ -116,7 +116,7 @@ class PredictJob:
 
     run: Path
     items: list
-    videos: list[Path]
+    videos: list[Path] = field(default_factory=list)
     mode: str = "score"
     normalize: str = "sum"
     batch_size: int = 8

@@ -1,0 +1,259 @@
+"""``--engine ray``: the same rows as the one-machine path, on one local Ray cluster shared by these tests.
+
+The cluster is ``ray.init(num_cpus=2)`` in this process; the commands run as real subprocesses that
+join it through ``RAY_ADDRESS``. The model is a run trained two steps from the shipped tiny base.
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from cervl.data.prepare import prepare_synthce
+
+ray = pytest.importorskip("ray")
+cv2 = pytest.importorskip("cv2")
+skimage_data = pytest.importorskip("skimage.data")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def cervl(*args, address=None, timeout=600):
+    # One torch thread, as in each Ray actor here: fp32 GEMMs block differently with another thread
+    # count, which moves the 6th decimal of a probability; with the same count the rows are bitwise equal.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"RAY_ADDRESS": address} if address else {})}
+    return subprocess.run([sys.executable, "-m", "cervl.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A run trained from the shipped tiny base (two steps), SynthCE manifests, two videos, bad files."""
+    base = tmp_path_factory.mktemp("ray")
+    prepare_synthce(base / "synthce", base / "m", per_class=2, seed=3)
+    cfg = {"model": {"name": "pretrained-tiny"}, "output_dir": str(base / "run"), "checkpoint_every": 0,
+           "stages": [{"name": "compound", "data": [{"manifest": str(base / "m" / "synthce-compound-aligned.jsonl")}],
+                       "label_set": "rafdb-compound", "prompt": "minimal", "max_steps": 2, "batch_size": 4,
+                       "lr": 1e-3, "lora": {"rank": 4, "alpha": 8}}]}
+    (base / "r.yaml").write_text(yaml.safe_dump(cfg))
+    res = cervl("train", base / "r.yaml", "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    videos = base / "videos"
+    videos.mkdir()
+    write_video(videos / "clip1.avi", face_frames(9, blank=(4, 5)))
+    write_video(videos / "clip2.avi", face_frames(6, blank=(), shift=3))
+    photos = base / "photos"
+    photos.mkdir()
+    face = Image.fromarray(skimage_data.astronaut())
+    for i in range(10):
+        face.crop((100 + 3 * i, 0, 380 + 3 * i, 300)).resize((200, 214)).save(photos / f"p{i:02d}.jpg")
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(photos / "zz_noface.jpg")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return base
+
+
+def write_video(path, frames, fps=10):
+    h, w = frames[0].shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for f in frames:
+        vw.write(np.ascontiguousarray(f[:, :, ::-1]))
+    vw.release()
+    return path
+
+
+def face_frames(n, blank=(), shift=8):
+    face = np.asarray(Image.fromarray(skimage_data.astronaut()).crop((140, 20, 320, 220)).resize((150, 166)))
+    out = []
+    for i in range(1, n + 1):
+        canvas = np.full((240, 320, 3), 110, np.uint8)
+        if i not in blank:
+            canvas[30:196, 20 + shift * i:170 + shift * i] = face
+        out.append(canvas)
+    return out
+
+
+def rows(path):
+    out = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    for r in out:
+        r.pop("latency_ms", None)  # wall-clock, not a prediction
+    return out
+
+
+def both(demo, tmp_path, address, *args):
+    """Run ``cervl predict ARGS`` on the local engine and on Ray; return both outputs' rows."""
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    res = cervl("predict", "--run", demo / "run", *args, "-o", local)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = cervl("predict", "--run", demo / "run", *args, "-o", remote, "--engine", "ray", "--shard-size", "8",
+                address=address)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ray: " in res.stdout
+    assert not Path(str(remote) + ".parts").exists()  # the shards became the output and were removed
+    return rows(local), rows(remote)
+
+
+def test_manifest_rows_equal_the_local_engine(demo, tmp_path, cluster):
+    local, remote = both(demo, tmp_path, cluster, "--manifest", demo / "m" / "synthce-compound-aligned.jsonl")
+    assert len(local) == 22 and remote == local  # every row, in order, every probability to 6 decimals
+
+
+def test_folder_with_align_and_a_corrupt_file(demo, tmp_path, cluster):
+    local, remote = both(demo, tmp_path, cluster, demo / "photos", "--align")
+    assert remote == local and len(remote) == 12
+    by_id = {r["id"]: r for r in remote}
+    assert by_id["broken.jpg"]["pred"] is None and "broken.jpg" in by_id["broken.jpg"]["error"]
+    assert by_id["zz_noface.jpg"]["error"].startswith("no face found")
+    assert sum(r["pred"] is not None for r in remote) == 10  # the rest succeed
+
+
+def test_two_videos_frame_by_frame(demo, tmp_path, cluster):
+    local, remote = both(demo, tmp_path, cluster, demo / "videos" / "clip1.avi", demo / "videos" / "clip2.avi",
+                         "--batch-size", "4")
+    assert [(r["video"], r["frame"]) for r in remote] == [("clip1", n) for n in range(1, 10)] + \
+        [("clip2", n) for n in range(1, 7)]
+    assert [r["status"] for r in remote][3:5] == ["lost", "lost"]
+    assert remote == local
+
+
+def test_abaw_submission_is_byte_identical(demo, tmp_path, cluster):
+    res = cervl("abaw", demo / "videos", "--run", demo / "run", "-o", tmp_path / "local.txt", "--every", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = cervl("abaw", demo / "videos", "--run", demo / "run", "-o", tmp_path / "ray.txt", "--every", "2",
+                "--engine", "ray", address=cluster)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "ray.txt").read_bytes() == (tmp_path / "local.txt").read_bytes()
+    assert len((tmp_path / "ray.txt").read_text().splitlines()) == 1 + 9 + 6
+
+
+def test_align_writes_the_same_crops(demo, tmp_path, cluster):
+    for engine in ("local", "ray"):
+        res = cervl("align", demo / "photos", "-o", tmp_path / engine, "--engine", engine, address=cluster)
+        assert res.returncode == 0, res.stderr[-3000:]
+        res = cervl("align", demo / "videos", "--videos", "-o", tmp_path / f"{engine}-v", "--engine", engine,
+                    address=cluster)
+        assert res.returncode == 0, res.stderr[-3000:]
+    for a, b in (("local", "ray"), ("local-v", "ray-v")):
+        files = sorted(p.relative_to(tmp_path / a) for p in (tmp_path / a).rglob("*.jpg"))
+        assert files and files == sorted(p.relative_to(tmp_path / b) for p in (tmp_path / b).rglob("*.jpg"))
+        assert all((tmp_path / a / f).read_bytes() == (tmp_path / b / f).read_bytes() for f in files)
+        assert (tmp_path / a / "manifest.jsonl").read_text() == (tmp_path / b / "manifest.jsonl").read_text()
+
+
+def _many_images(folder: Path, n: int) -> Path:
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(folder / f"img{i:04d}.png")
+    return folder
+
+
+def _actor_pids() -> list[int]:
+    pids = []
+    for p in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            cmd = Path(p).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("ray::MapWorker(MapBatches(PredictorActor))"):
+            pids.append(int(p.split("/")[2]))
+    return pids
+
+
+def test_a_killed_actor_still_gives_complete_output(demo, tmp_path, cluster):
+    from cervl.predict.predictor import items_from_paths
+    from cervl.scale import RayOptions
+    from cervl.scale.pipeline import PredictJob, ray_predict
+
+    folder = _many_images(tmp_path / "imgs", 160)
+    out = tmp_path / "ray.jsonl"
+    killed = []
+
+    def killer():  # kill a scoring actor once the first shards are written: mid-run
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            parts = list(Path(str(out) + ".parts").glob("a-*.jsonl"))
+            pids = _actor_pids()
+            if len(parts) >= 2 and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append((pids[0], len(parts)))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    summary = ray_predict(PredictJob(demo / "run", items_from_paths([folder])), out,
+                          RayOptions(actors=2, shard_size=8))
+    t.join()
+    assert killed and killed[0][1] < 20, "the actor was not killed mid-run"
+    got = rows(out)
+    assert summary.rows == 160 and [r["id"] for r in got] == [f"img{i:04d}.png" for i in range(160)]
+    res = cervl("predict", "--run", demo / "run", folder, "-o", tmp_path / "local.jsonl")
+    assert res.returncode == 0 and rows(tmp_path / "local.jsonl") == got
+
+
+def test_an_interrupted_run_resumes_without_duplicates(demo, tmp_path, cluster):
+    folder = _many_images(tmp_path / "imgs", 160)
+    out = tmp_path / "ray.jsonl"
+    args = [sys.executable, "-m", "cervl.cli", "predict", "--run", str(demo / "run"), str(folder), "-o", str(out),
+            "--engine", "ray", "--shard-size", "8", "--actors", "1"]
+    proc = subprocess.Popen(args, env={**os.environ, "RAY_ADDRESS": cluster}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parts = Path(str(out) + ".parts")
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(parts.glob("a-*.jsonl"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the driver dies mid-run
+    proc.wait()
+    kept = len(list(parts.glob("a-*.jsonl")))
+    assert 3 <= kept < 20 and not out.exists()
+    res = cervl("predict", "--run", demo / "run", folder, "-o", out, "--engine", "ray", "--shard-size", "8",
+                address=cluster)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{kept} kept from an earlier run" in res.stdout
+    got = rows(out)
+    assert [r["id"] for r in got] == [f"img{i:04d}.png" for i in range(160)]  # complete, each once, in order
+    res = cervl("predict", "--run", demo / "run", folder, "-o", tmp_path / "local.jsonl")
+    assert res.returncode == 0 and rows(tmp_path / "local.jsonl") == got
+
+
+def test_parquet_output_and_a_changed_resume_is_refused(demo, tmp_path, cluster):
+    pq = pytest.importorskip("pyarrow.parquet")
+    man = demo / "m" / "synthce-compound-aligned.jsonl"
+    res = cervl("predict", "--run", demo / "run", "--manifest", man, "-o", tmp_path / "pq", "--engine", "ray",
+                "--format", "parquet", "--shard-size", "8", address=cluster)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = pq.read_table(tmp_path / "pq").to_pylist()
+    res = cervl("predict", "--run", demo / "run", "--manifest", man, "-o", tmp_path / "l.jsonl")
+    local = rows(tmp_path / "l.jsonl")
+    assert [r["id"] for r in table] == [r["id"] for r in local]
+    assert [r["pred"] for r in table] == [r["pred"] for r in local]
+    assert all(np.allclose(list(a["probs"].values()), list(b["probs"].values())) for a, b in zip(table, local))
+    res = cervl("predict", "--run", demo / "run", "--manifest", man, "-o", tmp_path / "pq", "--engine", "ray",
+                "--format", "parquet", "--normalize", "mean", address=cluster)
+    assert res.returncode == 2 and "other inputs or settings" in res.stderr
+
+
+def test_without_ray_the_error_says_how_to_install(demo, tmp_path):
+    code = ("import sys; sys.modules['ray'] = None\nfrom cervl.cli import main\n"
+            f"sys.exit(main(['predict', '--run', {str(demo / 'run')!r}, {str(demo / 'photos')!r}, '-o', "
+            f"{str(tmp_path / 'x.jsonl')!r}, '--engine', 'ray']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "pip install 'cervl[ray]'" in res.stderr
