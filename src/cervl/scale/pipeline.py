@@ -37,13 +37,23 @@ class RaySummary:
     shards: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0
+    first_output_seconds: float | None = None  # when the first shard was written: actor start and model load
+    steady_rows: int = 0  # rows written after the first shard...
+    steady_seconds: float = 0.0  # ...and the time they took: the rate once the pipeline is full
     failed: list[str] = field(default_factory=list)
+
+    def steady_rate(self) -> float | None:
+        return self.steady_rows / self.steady_seconds if self.steady_seconds > 0 else None
 
     def line(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
+        steady = self.steady_rate()
         return (f"{self.rows} rows ({self.items} images, {self.videos} videos, {self.errors} errors) in "
-                f"{self.seconds:.1f} s = {rate:.1f} rows/s; {self.shards} shards, {self.resumed_shards} kept from "
-                f"an earlier run; Ray start-up {self.startup_seconds:.1f} s")
+                f"{self.seconds:.1f} s = {rate:.1f} rows/s" + (f" ({steady:.1f} rows/s after the first shard)"
+                                                              if steady else "")
+                + f"; {self.shards} shards, {self.resumed_shards} kept from an earlier run; Ray start-up "
+                f"{self.startup_seconds:.1f} s" + (f", first shard after {self.first_output_seconds:.1f} s"
+                                                  if self.first_output_seconds is not None else ""))
 
 
 def shard_size(requested: int, *multiples: int) -> int:
@@ -186,6 +196,7 @@ def _execute(job: PredictJob, store: ShardStore, options: RayOptions, size: int)
     summary.startup_seconds = time.perf_counter() - t0  # ~0 when the cluster was already up
     videos = _VideoAssembler()
     for key, kind, result in _stream(_predict_dataset(ray, job, todo, options)):
+        _timing(summary, t0, kind, result)
         if kind == "img":
             store.write(key, result, schema)
             continue
@@ -201,6 +212,16 @@ def _execute(job: PredictJob, store: ShardStore, options: RayOptions, size: int)
             res = [{**r, "image": str(job.videos[i])} for r in res]
         store.write(key, res, schema)
     return [r["key"] for r in rows], summary
+
+
+def _timing(summary: RaySummary, t0: float, kind: str, result) -> None:
+    now = time.perf_counter() - t0
+    n = len(result) if kind == "img" else len(result.get("frames", ()))
+    if summary.first_output_seconds is None:
+        summary.first_output_seconds = now
+    else:
+        summary.steady_rows += n
+        summary.steady_seconds = now - summary.first_output_seconds
 
 
 def _predict_dataset(ray, job: PredictJob, todo: list[dict], options: RayOptions):
