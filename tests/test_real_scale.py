@@ -110,17 +110,18 @@ def test_lora_targets_are_the_real_models(runs):
 def test_scoring_equals_bruteforce_and_generation_runs(runs):
     from cervl.predict import Predictor, score_labels_bruteforce
 
-    _, _, by_dtype = runs
+    name, _, by_dtype = runs
     rng = np.random.default_rng(7)
-    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((112, 112), (448, 336))]
+    sizes = ((112, 112), (448, 336)) if name == "qwen2-vl-2b" else ((112, 112),)  # time: the 3B once, small
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     for dtype, run in by_dtype.items():
         pred = Predictor.from_run(run, dtype=dtype)
         fast = pred.score(images, batch_size=2)
         slow = score_labels_bruteforce(pred.model, pred.processor, pred.style, pred.label_set, images, batch_size=1)
-        assert fast.shape == (2, 11) and np.allclose(fast.sum(1), 1, atol=1e-3)
+        assert fast.shape == (len(images), 11) and np.allclose(fast.sum(1), 1, atol=1e-3)
         assert np.abs(fast - slow).max() < (1e-4 if dtype == "fp32" else 2e-2), (dtype, np.abs(fast - slow).max())
         answers = pred.generate(images, max_new_tokens=3)
-        assert len(answers) == 2 and all(isinstance(raw, str) for raw, _ in answers)
+        assert len(answers) == len(images) and all(isinstance(raw, str) for raw, _ in answers)
 
 
 def test_merged_model_equals_base_plus_adapters(runs):

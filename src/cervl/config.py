@@ -135,6 +135,9 @@ class RunConfig:
     group_by_length: bool = True
     vision_cache_mb: int = 1024
     gradient_checkpointing: bool | None = None
+    # "fsdp": shard each stage with FSDP2 over the launched processes (torchrun / accelerate launch; CPU
+    # or GPU); full weights are gathered for every merge. An accelerate FSDP config selects it too.
+    sharding: str = "none"
     test: TestSpec = field(default_factory=TestSpec)
 
 
@@ -333,6 +336,7 @@ def _check_run_values(cfg: RunConfig, source) -> None:
     _check(cfg.test.max_samples >= 0, where, "'test.max_samples' must be >= 0")
     _check(cfg.vision_cache_mb >= 0, where, "'vision_cache_mb' must be >= 0")
     _check(cfg.num_workers >= 0, where, "'num_workers' must be >= 0")
+    _check(cfg.sharding in ("none", "fsdp"), where, f"'sharding' must be none or fsdp, got {cfg.sharding!r}")
 
 
 def _check_stage_values(st: StageConfig, where: str) -> None:

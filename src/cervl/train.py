@@ -38,6 +38,8 @@ from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build
                           load_model, lora_target_regex, merge_lora, save_model)
 from cervl.objective import AnswerObjective, VisionCache, file_hash
 from cervl.predict.predictor import Predictor
+from cervl.sharding import (Skeleton, check_unsharded, gather_unsharded, refuse_unmergeable, shard_model,
+                            sync_replicated_grads, wants_sharding)
 from cervl.run import (EXTRA, RunLock, RunMeta, apply_stage, base_entry, base_weights, check_config, claim_run_dir,
                        relative, remove_checkpoints, save_final, stage_dir, write_json)
 
@@ -57,6 +59,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    refuse_unmergeable(cfg, accelerator)  # ZeRO-3 + LoRA merges: stop now, not after hours of training
     run_dir = Path(cfg.output_dir)
     # --- checks: everything a user can get wrong fails here, before a model loads or a file is written.
     bad = check_data(cfg, progress=progress and accelerator.is_main_process)
@@ -275,6 +278,13 @@ class StageTrainer:
         self.prompt = prompt_text(self.processor, stage.style, stage.labels)  # rendered once per stage
         self.hashes: dict = {}
         self.model = prepare_trainable(self.model, stage)
+        self.sharded = wants_sharding(self.cfg, acc)
+        if self.sharded:  # FSDP2 in place; the skeleton lets finish() rebuild full weights for the merge
+            self.skeleton = Skeleton(self.model)
+            shard_model(self.model)
+            if self.main and (self.cfg.checkpoint_every or stage.eval.every):
+                log.warning("sharding: fsdp writes no mid-stage checkpoints and runs no mid-stage evaluation; "
+                            "stage %s is checkpointed when it ends (an interrupted stage restarts)", stage.name)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=stage.lr, weight_decay=stage.weight_decay)
@@ -285,7 +295,10 @@ class StageTrainer:
             write_json(self.dir / "stage.json", {"index": self.index, **to_dict(stage), "total_steps": self.total_steps,
                                                  "samples_per_epoch": self.mixture.per_epoch, "world_size": self.world})
         self.objective = self._objective()
-        self.ddp_model, self.optimizer = acc.prepare(self.objective, self.optimizer)
+        if self.sharded:  # FSDP2 reduces the gradients itself: no DDP wrapper on top
+            self.ddp_model = self.objective
+        else:
+            self.ddp_model, self.optimizer = acc.prepare(self.objective, self.optimizer)
         self.metrics = MetricsLog(self.dir / "metrics.csv", enabled=self.main, tensorboard=self.cfg.tensorboard,
                                   resume_step=self.start_step)
         tok = self.processor.tokenizer
@@ -304,12 +317,16 @@ class StageTrainer:
         if checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         prefix = None
-        if cfg.shared_prefix and not checkpointing:
+        # Not when sharded: the prefix's keys/values reach the loss through the cache, not through the core's
+        # output, so FSDP would not re-gather the (resharded) weights for that part of the backward.
+        if cfg.shared_prefix and not checkpointing and not self.sharded:
             ids = tok(self.prompt, add_special_tokens=False)["input_ids"]
             prefix = ids[: ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))]
         frozen_vision = stage.method == "lora" and stage.lora.vision == "frozen" and stage.lora.merger == "frozen"
         cache = None
-        if cfg.vision_cache_mb and frozen_vision:  # the memory store outlives the stage: later stages reuse it
+        # the memory store outlives the stage: later stages reuse it. Not when sharded: a cache hit on one
+        # rank and a miss on another would run the (sharded) vision tower on one rank only, and hang.
+        if cfg.vision_cache_mb and frozen_vision and not self.sharded:
             cache = VisionCache(self.model, self.processor, self.run_dir / "vision_cache", cfg.vision_cache_mb,
                                 memory=self.vision_memory)
         return AnswerObjective(self.model, prefix=prefix, vision_cache=cache)
@@ -368,7 +385,12 @@ class StageTrainer:
             loss_total += token_loss.detach()
         global_loss = (acc.reduce(loss_total, reduction="sum") / global_tokens).item()
         # The gradient norm doubles as the non-finite check (with no clipping, max_norm=inf scales by 1.0: exact).
-        norm = acc.clip_grad_norm_(self.params, self.stage.max_grad_norm or float("inf"))
+        if self.sharded:
+            sync_replicated_grads(self.params, self.world)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.stage.max_grad_norm or float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        else:
+            norm = acc.clip_grad_norm_(self.params, self.stage.max_grad_norm or float("inf"))
         if self._non_finite(global_loss, norm, step):
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()  # the schedule follows the step count, taken or skipped
@@ -407,6 +429,8 @@ class StageTrainer:
                                lr=self.scheduler.get_last_lr()[0], samples_per_s=round(self.seen / dt, 2),
                                skipped_steps=self.skipped_steps)
             self.t_last, self.seen = time.perf_counter(), 0
+        if self.sharded:  # mid-stage evaluation and checkpoints need full weights (see setup)
+            return
         if stage.eval.every and stage.eval.manifest and done % stage.eval.every == 0 and done < self.total_steps:
             if self.main:
                 ev = self.evaluate()
@@ -433,10 +457,14 @@ class StageTrainer:
     def finish(self):
         stage = self.stage
         cache = self.objective.vision_cache
+        sharded = None
+        if self.sharded:  # every rank gets the full weights back: evaluate, save and merge see them whole
+            self.model = gather_unsharded(self.model, self.skeleton)
+            sharded = {"processes": self.world, "gathered_parameters": check_unsharded(self.model, self.skeleton)}
         info = {"stage": stage.name, "kind": stage.method, "index": self.index, "label_set": stage.labels.name,
                 "prompt": stage.style.name, "data": to_dict(stage.data), "steps": self.total_steps,
                 "skipped_steps": self.skipped_steps, "shared_prefix_tokens": len(self.objective.prefix),
-                "vision_cache_hit_rate": round(cache.hit_rate, 4) if cache else None}
+                "vision_cache_hit_rate": round(cache.hit_rate, 4) if cache else None, "sharded": sharded}
         if stage.method == "lora":
             info.update(rank=stage.lora.rank, alpha=stage.lora.alpha, adapter=relative(self.run_dir, self.dir / "adapter"))
         else:
