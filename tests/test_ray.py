@@ -234,11 +234,11 @@ def test_an_interrupted_run_resumes_without_duplicates(demo, tmp_path, cluster):
     assert res.returncode == 0 and rows(tmp_path / "local.jsonl") == got
 
 
-def test_parquet_output_and_a_changed_resume_is_refused(demo, tmp_path, cluster):
+def test_parquet_output_shipped_run_and_a_changed_resume_is_refused(demo, tmp_path, cluster):
     pq = pytest.importorskip("pyarrow.parquet")
     man = demo / "m" / "synthce-compound-aligned.jsonl"
     res = cervl("predict", "--run", demo / "run", "--manifest", man, "-o", tmp_path / "pq", "--engine", "ray",
-                "--format", "parquet", "--shard-size", "8", address=cluster)
+                "--format", "parquet", "--shard-size", "8", "--ship-run", address=cluster)  # weights via object store
     assert res.returncode == 0, res.stderr[-3000:]
     table = pq.read_table(tmp_path / "pq").to_pylist()
     res = cervl("predict", "--run", demo / "run", "--manifest", man, "-o", tmp_path / "l.jsonl")
