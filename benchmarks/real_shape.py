@@ -85,6 +85,7 @@ def main() -> None:
 
     from cervl.encode import prompt_text
     from cervl.labels import get_label_set
+    from cervl.models import cache_kwargs
     from cervl.predict import Predictor
     from cervl.predict.scoring import LabelScorer
 
@@ -120,7 +121,7 @@ def main() -> None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(args.batch)
             base(input_ids=ids_t[:, p:], pixel_values=enc_img["pixel_values"], image_grid_thw=enc_img["image_grid_thw"],
-                 position_ids=pos[:, :, p:], cache=cache, use_cache=True, logits_to_keep=1)
+                 position_ids=pos[:, :, p:], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
 
         floor_s = timed(floor)
         assert isinstance(prefix_cache, DynamicCache)

@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from cervl.data.prepare import prepare_synthce as _prepare_synth
+from helpers import train_quick
 
 
 def cervl(*args):
@@ -21,13 +21,7 @@ def cervl(*args):
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     _prepare_synth(base / "synthce", base / "m", per_class=3, seed=9, val_fraction=0.0)
-    cfg = {"model": {"name": "tiny-qwen2-vl"}, "output_dir": str(base / "run"), "checkpoint_every": 0,
-           "stages": [{"name": "compound", "data": [{"manifest": str(base / "m" / "synthce-compound-aligned.jsonl")}],
-                       "label_set": "rafdb-compound", "prompt": "minimal", "max_steps": 2, "batch_size": 4,
-                       "lr": 1e-3, "lora": {"rank": 4, "alpha": 8}}]}
-    (base / "r.yaml").write_text(yaml.safe_dump(cfg))
-    res = cervl("train", base / "r.yaml", "--no-progress")
-    assert res.returncode == 0, res.stderr[-2000:]
+    train_quick(base, base / "m" / "synthce-compound-aligned.jsonl")
     return base
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from cervl.data.prepare import prepare_synthce
+from helpers import train_quick
+from test_video import write_video
 
 ray = pytest.importorskip("ray")
 cv2 = pytest.importorskip("cv2")
@@ -50,13 +51,7 @@ def demo(tmp_path_factory):
     """A run trained from the shipped tiny base (two steps), SynthCE manifests, two videos, bad files."""
     base = tmp_path_factory.mktemp("ray")
     prepare_synthce(base / "synthce", base / "m", per_class=2, seed=3)
-    cfg = {"model": {"name": "pretrained-tiny"}, "output_dir": str(base / "run"), "checkpoint_every": 0,
-           "stages": [{"name": "compound", "data": [{"manifest": str(base / "m" / "synthce-compound-aligned.jsonl")}],
-                       "label_set": "rafdb-compound", "prompt": "minimal", "max_steps": 2, "batch_size": 4,
-                       "lr": 1e-3, "lora": {"rank": 4, "alpha": 8}}]}
-    (base / "r.yaml").write_text(yaml.safe_dump(cfg))
-    res = cervl("train", base / "r.yaml", "--no-progress")
-    assert res.returncode == 0, res.stderr[-2000:]
+    train_quick(base, base / "m" / "synthce-compound-aligned.jsonl", model="pretrained-tiny")
     videos = base / "videos"
     videos.mkdir()
     write_video(videos / "clip1.avi", face_frames(9, blank=(4, 5)))
@@ -69,15 +64,6 @@ def demo(tmp_path_factory):
     Image.new("RGB", (200, 200), (90, 90, 90)).save(photos / "zz_noface.jpg")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     return base
-
-
-def write_video(path, frames, fps=10):
-    h, w = frames[0].shape[:2]
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
-    for f in frames:
-        vw.write(np.ascontiguousarray(f[:, :, ::-1]))
-    vw.release()
-    return path
 
 
 def face_frames(n, blank=(), shift=8):

@@ -375,6 +375,28 @@ def merge_lora(model):
 
 
 
+def cache_kwargs(cache) -> dict:
+    """The keyword that passes a KV cache to a Qwen-VL forward: ``cache`` from transformers 5.2x,
+    ``past_key_values`` before (the GPU image of ``benchmarks/gpu.py`` has 5.17). An unknown keyword would
+    be swallowed by ``**kwargs`` and the cache silently ignored, so the name is looked up, not guessed."""
+    return {_CACHE_KW: cache}
+
+
+def _forward_parameters() -> set[str]:
+    import inspect
+
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    return set(inspect.signature(Qwen2VLModel.forward).parameters)
+
+
+_FORWARD = _forward_parameters()
+_CACHE_KW = "cache" if "cache" in _FORWARD else "past_key_values"
+# Precomputed image features (``mm_encoder_outputs``) are accepted from transformers 5.2x on; before, the
+# keyword would be swallowed by **kwargs and the image silently left out (see AnswerObjective).
+ACCEPTS_ENCODER_OUTPUTS = "mm_encoder_outputs" in _FORWARD
+
+
 def assert_finite_weights(model, what: str) -> None:
     """Refuse to save a model with NaN/inf weights (a diverged run must not become a usable model)."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]

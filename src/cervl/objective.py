@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cervl.encode import IGNORE
+from cervl.models import ACCEPTS_ENCODER_OUTPUTS, cache_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ class AnswerObjective(torch.nn.Module):
         super().__init__()
         self.model, self.full_logits = model, full_logits  # full_logits: the standard way, for benchmarks
         self.prefix = list(prefix) if prefix and len(prefix) >= MIN_SHARED_PREFIX else []
+        if vision_cache is not None and not ACCEPTS_ENCODER_OUTPUTS:
+            log.warning("vision cache off: this transformers version takes no precomputed image features "
+                        "(mm_encoder_outputs); the vision tower runs every step")
+            vision_cache = None
         self.vision_cache = vision_cache
         self.shared_batches = 0
 
@@ -180,9 +185,9 @@ class AnswerObjective(torch.nn.Module):
         pos, _ = core.get_rope_index(input_ids=input_ids, mm_token_type_ids=mm_token_type_ids,
                                      image_grid_thw=vision["image_grid_thw"], attention_mask=attention_mask)
         cache = DynamicCache(config=core.config)
-        core(input_ids=input_ids[:1, :p], position_ids=pos[:, :1, :p], cache=cache, use_cache=True)
+        core(input_ids=input_ids[:1, :p], position_ids=pos[:, :1, :p], **cache_kwargs(cache), use_cache=True)
         cache.batch_repeat_interleave(b)  # differentiable: backward sums the batch's prefix gradients
-        out = core(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=pos[:, :, p:], cache=cache,
-                   use_cache=True, **{k: v for k, v in vision.items() if v is not None})
+        out = core(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=pos[:, :, p:],
+                   **cache_kwargs(cache), use_cache=True, **{k: v for k, v in vision.items() if v is not None})
         # The suffix's first hidden state predicts labels[p + 1]; labels[p] (predicted by the prefix) is unsupervised.
         return out.last_hidden_state, labels[:, p:]

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from cervl.data.images import load_rgb
 from cervl.encode import IGNORE, Encoded, answer_ids, collate, encode_prompt, prompt_text, token_logprobs
 from cervl.labels import LabelSet
+from cervl.models import cache_kwargs
 from cervl.prompts import PromptStyle
 
 
@@ -103,7 +104,7 @@ class LabelScorer:
             ids = torch.tensor([self.prefix], device=self.device)
             pos = torch.arange(len(self.prefix), device=self.device).view(1, 1, -1).expand(3, 1, -1)
             cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, position_ids=pos, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             self._prefix_cache = cache
         return copy.deepcopy(self._prefix_cache)
 
@@ -121,7 +122,7 @@ class LabelScorer:
         cache = self._prefix_state()
         cache.batch_repeat_interleave(b)
         out = self.model(input_ids=ids[:, p:], pixel_values=pixels, image_grid_thw=grid, position_ids=pos[:, :, p:],
-                         attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+                         attention_mask=mask, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
         scores = torch.stack([first[:, c[0]] for c in self.cands], dim=1)  # (B, K)
         if self.trie:
@@ -133,7 +134,7 @@ class LabelScorer:
             cpos = (nxt[:, None] + self.trie_depth[None].to(self.device) - 1)[None].expand(3, b, n)
             mask = torch.ones((b, 1, n, t + n), dtype=torch.bool, device=self.device)
             mask[:, :, :, t:] = self.trie_mask.to(self.device)
-            logits = self.model(input_ids=feed, position_ids=cpos, attention_mask=mask, cache=cache,
+            logits = self.model(input_ids=feed, position_ids=cpos, attention_mask=mask, **cache_kwargs(cache),
                                 use_cache=False).logits
             logp = torch.log_softmax(logits.float(), dim=-1)  # (B, n, V)
             for i, c in enumerate(self.cands):

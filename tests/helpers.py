@@ -1,0 +1,20 @@
+"""Helpers shared by test modules (plain functions; fixtures live in conftest.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def train_quick(base: Path, manifest: Path, model: str = "tiny-qwen2-vl") -> Path:
+    """Train a one-stage, two-step LoRA run on ``manifest`` with the real command; return the run folder."""
+    cfg = {"model": {"name": model}, "output_dir": str(base / "run"), "checkpoint_every": 0,
+           "stages": [{"name": "compound", "data": [{"manifest": str(manifest)}],
+                       "label_set": "rafdb-compound", "prompt": "minimal", "max_steps": 2, "batch_size": 4,
+                       "lr": 1e-3, "lora": {"rank": 4, "alpha": 8}}]}
+    (base / "r.yaml").write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "cervl.cli", "train", str(base / "r.yaml"), "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return base / "run"
