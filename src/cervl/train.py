@@ -38,7 +38,7 @@ from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build
                           load_model, lora_target_regex, merge_lora, save_model)
 from cervl.objective import AnswerObjective, VisionCache, file_hash
 from cervl.predict.predictor import Predictor
-from cervl.sharding import (Skeleton, check_unsharded, gather_unsharded, refuse_unmergeable, shard_model,
+from cervl.sharding import (Skeleton, gather_unsharded, refuse_unmergeable, shard_model,
                             sync_replicated_grads, wants_sharding)
 from cervl.run import (EXTRA, RunLock, RunMeta, apply_stage, base_entry, base_weights, check_config, claim_run_dir,
                        relative, remove_checkpoints, save_final, stage_dir, write_json)
@@ -459,8 +459,8 @@ class StageTrainer:
         cache = self.objective.vision_cache
         sharded = None
         if self.sharded:  # every rank gets the full weights back: evaluate, save and merge see them whole
-            self.model = gather_unsharded(self.model, self.skeleton)
-            sharded = {"processes": self.world, "gathered_parameters": check_unsharded(self.model, self.skeleton)}
+            self.model = gather_unsharded(self.model, self.skeleton)  # checked there: no DTensor, full shapes
+            sharded = {"processes": self.world, "gathered_parameters": sum(p.numel() for p in self.model.parameters())}
         info = {"stage": stage.name, "kind": stage.method, "index": self.index, "label_set": stage.labels.name,
                 "prompt": stage.style.name, "data": to_dict(stage.data), "steps": self.total_steps,
                 "skipped_steps": self.skipped_steps, "shared_prefix_tokens": len(self.objective.prefix),

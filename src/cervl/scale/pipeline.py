@@ -170,7 +170,7 @@ def ray_predict(job: PredictJob, out: str | Path, options: RayOptions, *, fmt: s
     rows = [r for k in keys for r in store.read(k)]
     summary.rows, summary.errors = len(rows), sum(1 for r in rows if r.get("error"))
     summary.failed = [r["image"] for r in rows if r.get("error") and "frame" not in r and r.get("video") is not None]
-    store.finish(keys, {**(meta or {}), "engine": "ray", "mode": job.mode, "normalize": job.normalize})
+    store.finish(keys, {**(meta or {}), "engine": "ray", "mode": job.mode, "normalize": job.normalize}, rows)
     summary.seconds = time.perf_counter() - t0
     return summary
 

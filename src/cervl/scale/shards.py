@@ -103,8 +103,9 @@ class ShardStore:
             return pq.read_table(path).to_pylist()
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
-    def finish(self, keys: list[str], meta: dict) -> Path:
-        """Turn the shards into the output, in ``keys`` order (which must all be written)."""
+    def finish(self, keys: list[str], meta: dict, rows: list[dict] | None = None) -> Path:
+        """Turn the shards into the output, in ``keys`` order (which must all be written); ``rows``: the
+        shards' rows when the caller has already read them."""
         missing = [k for k in keys if not self._path(k).exists()]
         if missing:
             raise RuntimeError(f"shards missing at the end of the run: {missing[:5]}")
@@ -114,7 +115,7 @@ class ShardStore:
             return self.out
         from cervl.predict.predictor import write_predictions
 
-        write_predictions(self.out, [r for k in keys for r in self.read(k)], meta)
+        write_predictions(self.out, rows if rows is not None else [r for k in keys for r in self.read(k)], meta)
         self.cleanup(keys)
         return self.out
 
