@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cervl.data.manifest import atomic_write_text  # noqa: E402
-from cervl.errors import InvalidInput  # noqa: E402
+from cervl.errors import InputNotFound, InvalidInput  # noqa: E402
+from cervl.plotting import PALETTE, legend_outside  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -30,39 +31,60 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_confusion(conf_norm, classes, path: Path, title: str = "Confusion matrix (row-normalised)") -> Path:
-    c = np.asarray(conf_norm, dtype=float)
+def plot_confusion(confusion, classes, path: Path, title: str = "Confusion matrix") -> Path:
+    """Counts per (true, predicted) cell with the row share as colour; rows carry their n, the title the total.
+
+    ``confusion``: raw counts (rows: true class); a row may hold fewer than its n when predictions were invalid.
+    """
+    counts = np.asarray(confusion, dtype=float)
+    support = counts.sum(1)
+    share = counts / np.maximum(support[:, None], 1)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * n, 0.8 + 0.55 * n))
-    im = ax.imshow(c, cmap="Blues", vmin=0, vmax=1)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.68 * n, 1.4 + 0.58 * n))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_yticks(range(n), [f"{c} (n={int(k)})" for c, k in zip(classes, support)], fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (n = its test samples)")
     for i in range(n):
         for j in range(n):
-            if c[i, j] >= 0.005:
-                ax.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if c[i, j] > 0.5 else "black")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+            if counts[i, j] > 0:
+                ax.text(j, i, f"{int(counts[i, j])}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=6.5,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ax.set_title(f"{title} (n={int(support.sum())}; cell: count and share of the row)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     return _save(fig, path)
 
 
-def plot_per_class(values: dict[str, list], classes, path: Path, ylabel: str = "accuracy (recall)") -> Path:
-    """Grouped bars: one group per class, one bar per series (e.g. runs being compared)."""
+def plot_per_class(values: dict[str, list], classes, path: Path, *, ylabel: str = "accuracy (recall)",
+                   title: str = "Per-class accuracy", support: list[int] | None = None,
+                   overall: dict[str, float] | None = None, chance: float | None = None) -> Path:
+    """Grouped bars: one group per class, one bar per series (e.g. runs being compared).
+
+    ``support`` puts each class's n under its name; ``overall`` draws each series' overall accuracy as a
+    line in its colour; ``chance`` a dotted line at the chance level.
+    """
     n, m = len(classes), len(values)
     width = 0.8 / m
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * n * max(1, m / 2)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(7, 0.75 * n * max(1, m / 2)) + (2.5 if m > 1 else 0), 4.4))
     for k, (name, vals) in enumerate(values.items()):
         v = [np.nan if x is None else x for x in vals]
-        ax.bar(np.arange(n) + (k - (m - 1) / 2) * width, v, width, label=name)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+        color = PALETTE[k % len(PALETTE)]
+        ax.bar(np.arange(n) + (k - (m - 1) / 2) * width, v, width, label=name, color=color)
+        if overall and overall.get(name) is not None:
+            ax.axhline(overall[name], color=color, lw=1.2, ls="--",
+                       label=f"{name}: overall {overall[name]:.1%}" if m > 1 else f"overall {overall[name]:.1%}")
+    if chance is not None:
+        ax.axhline(chance, color="0.3", lw=1, ls=":", label=f"chance {chance:.1%}")
+    labels = [f"{c}\n(n={k})" for c, k in zip(classes, support)] if support is not None else list(classes)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
+    ax.set_xlabel("true class")
     ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    if m > 1:
-        ax.legend(fontsize=8)
+    if m > 1 or overall or chance is not None:
+        legend_outside(ax)
     return _save(fig, path)
 
 
@@ -118,8 +140,12 @@ def write_report(out: str | Path, metrics: dict, classes: list[str], *, title: s
     out.mkdir(parents=True, exist_ok=True)
     data = {"title": title, "classes": list(classes), **metrics, **(extra or {})}
     atomic_write_text(out / "metrics.json", json.dumps(data, indent=2) + "\n")
-    images = [plot_confusion(metrics["confusion_normalized"], classes, out / "confusion_matrix.png"),
-              plot_per_class({"accuracy": metrics["per_class_accuracy"]}, classes, out / "per_class_accuracy.png")]
+    support = [int(np.sum(row)) for row in metrics["confusion"]]
+    images = [plot_confusion(metrics["confusion"], classes, out / "confusion_matrix.png",
+                             title=f"{title}: confusion matrix"),
+              plot_per_class({"accuracy": metrics["per_class_accuracy"]}, classes, out / "per_class_accuracy.png",
+                             title=f"{title}: per-class accuracy (n={sum(support)})", support=support,
+                             overall={"accuracy": metrics["accuracy"]}, chance=1 / len(classes))]
     if "reliability" in metrics:
         images.append(plot_reliability(metrics["reliability"], out / "reliability.png"))
     summary_keys = ["n", "accuracy", "macro_f1", "weighted_f1", "invalid_rate", "top2_accuracy", "mean_confidence"]
@@ -142,18 +168,20 @@ def write_report(out: str | Path, metrics: dict, classes: list[str], *, title: s
 def write_comparison(reports: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:
     """One table (overall metrics + per-class accuracy with deltas vs the first report) and one plot."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     loaded = []
     for r in reports:
         path = Path(r) / "metrics.json" if Path(r).is_dir() else Path(r)
         if not path.is_file():
-            raise FileNotFoundError(f"no metrics.json at {path} (pass report folders written by cervl eval)")
+            raise InputNotFound(f"no metrics.json at {path} (pass report folders written by cervl eval)")
         loaded.append(json.loads(path.read_text()))
-    names = names or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in reports]
+    if names and len(names) != len(reports):
+        raise InvalidInput(f"--names gives {len(names)} names for {len(reports)} reports")
+    names = names or _series_names(reports, loaded)
     classes = loaded[0]["classes"]
     for n, m in zip(names, loaded):
         if m["classes"] != classes:
             raise InvalidInput(f"report {n!r} has classes {m['classes']}, not {classes}: cannot compare")
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed comparison leaves no empty folder behind
     keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "invalid_rate", "top2_accuracy") if k in loaded[0]]
     overall = _md_table(["metric"] + names + ([f"Δ {n}" for n in names[1:]]),
                         [[k] + [m.get(k) for m in loaded] + [_delta(m.get(k), loaded[0].get(k)) for m in loaded[1:]]
@@ -164,7 +192,9 @@ def write_comparison(reports: list[str | Path], out: str | Path, names: list[str
         rows.append([c] + vals + [_delta(v, vals[0]) for v in vals[1:]])
     per_class = _md_table(["class"] + names + [f"Δ {n}" for n in names[1:]], rows)
     img = plot_per_class({n: m["per_class_accuracy"] for n, m in zip(names, loaded)}, classes,
-                         out / "per_class_comparison.png")
+                         out / "per_class_comparison.png", title="Per-class accuracy: " + " vs ".join(names),
+                         overall={n: m.get("accuracy") for n, m in zip(names, loaded)}, chance=1 / len(classes),
+                         support=[int(sum(r)) for r in loaded[0]["confusion"]] if "confusion" in loaded[0] else None)
     tables = [("Overall", overall), ("Per-class accuracy", per_class)]
     atomic_write_text(out / "comparison.json", json.dumps({"names": names, "classes": classes, "reports":
                                                            [str(r) for r in reports], "metrics": {
@@ -173,6 +203,14 @@ def write_comparison(reports: list[str | Path], out: str | Path, names: list[str
     atomic_write_text(out / "comparison.md", md)
     atomic_write_text(out / "comparison.html", _html_page("cervl comparison", tables, [img]))
     return out / "comparison.md"
+
+
+def _series_names(reports: list, loaded: list[dict]) -> list[str]:
+    """Legend names: each report's own title when they differ (``cervl eval --title``), else the folders."""
+    titles = [str(m.get("title") or "").removeprefix("cervl evaluation: ") for m in loaded]
+    if all(titles) and len(set(titles)) == len(titles):
+        return titles
+    return [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in reports]
 
 
 def _delta(v, ref):
@@ -188,11 +226,8 @@ def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | 
 
     path, out = Path(path), Path(out)
     meta_path = Path(str(path) + ".meta.json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    name = label_set or meta.get("label_set")
-    if not name:
-        raise InvalidInput(f"{path}: no {meta_path.name}; pass --label-set")
-    ls = get_label_set(name)
+    if not path.is_file():
+        raise InputNotFound(f"predictions file not found: {path}")
     rows = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -201,6 +236,16 @@ def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | 
             rows.append(json.loads(line))
         except ValueError:
             raise InvalidInput(f"{path}:{lineno}: malformed JSON line") from None
+    if rows and not any("pred" in r for r in rows):
+        raise InvalidInput(f"{path}: no row has a 'pred' field, so this is not a predictions file (a manifest?); "
+                           f"make one with cervl predict")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    name = label_set or meta.get("label_set")
+    if not name:
+        why = (f"{meta_path.name} has no 'label_set' key" if meta_path.is_file()
+               else f"there is no {meta_path.name} beside it")
+        raise InvalidInput(f"{path}: cannot tell the label set ({why}); pass --label-set")
+    ls = get_label_set(name)
     labelled = [r for r in rows if r.get("label") is not None]
     if not labelled:
         raise InvalidInput(f"{path}: no predictions with a true label; nothing to evaluate")

@@ -106,6 +106,9 @@ class RunMeta:
     @classmethod
     def read(cls, run_dir: Path) -> "RunMeta":
         path = Path(run_dir) / "final" / RUN_META
+        if not Path(run_dir).is_dir():
+            demo = Path(run_dir).as_posix().rstrip("/").endswith("runs/demo/run")
+            raise InputNotFound(f"run folder not found: {run_dir}" + (" (`make demo` creates it)" if demo else ""))
         if not path.is_file():
             raise InputNotFound(f"{run_dir} has no final/{RUN_META}: is it a finished cervl run?")
         data = json.loads(path.read_text())

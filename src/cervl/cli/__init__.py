@@ -162,8 +162,10 @@ def _run_pretrain_tiny(args) -> int:
 def _run_predict(args) -> int:
     from cervl.faces.video import is_video
     from cervl.predict import Predictor, write_predictions
-    from cervl.predict.predictor import align_items, items_from_manifest, items_from_paths
+    from cervl.run import RunMeta
+    from cervl.predict.predictor import align_items, items_from_manifest, items_from_paths, prediction_meta
 
+    RunMeta.read(args.run)  # a missing or unfinished run is the first thing to report, before any input
     is_vid = [(p.is_file() and is_video(p)) or (p.is_dir() and args.frames_as_video) for p in args.inputs]
     videos = [p for p, v in zip(args.inputs, is_vid) if v]
     items = items_from_manifest(args.manifest, args.split) if args.manifest else []
@@ -182,9 +184,8 @@ def _run_predict(args) -> int:
         align_items(items, detector=args.detector, detector_options=_detector_options(args), workers=args.workers)
     rows = list(predictor.predict(items, mode=args.mode, batch_size=args.batch_size, normalize=args.normalize))
     rows += _predict_videos(args, predictor, videos)
-    write_predictions(args.out, rows, {"run": str(args.run), "mode": args.mode, "normalize": args.normalize,
-                                       "label_set": predictor.label_set.name, "prompt": predictor.style.name,
-                                       "manifest": str(args.manifest) if args.manifest else None})
+    write_predictions(args.out, rows, prediction_meta(args.run, predictor.label_set, predictor.style, mode=args.mode,
+                                                      normalize=args.normalize, manifest=args.manifest))
     unreadable = sum(1 for r in rows if r.get("error") and "face" not in r)
     no_face = sum(1 for r in rows if r.get("error") and "face" in r)
     invalid = sum(1 for r in rows if r["pred"] is None and not r.get("error"))
@@ -303,6 +304,24 @@ def _tracking(args) -> dict:
     return {"redetect_every": args.redetect_every, "verify_every": args.verify_every}
 
 
+def _kept_after_interrupt(args) -> str:
+    """What an interrupted command leaves behind, and how to carry on."""
+    out = getattr(args, "out", None)
+    if args.command in ("train", "demo"):
+        return ("finished stages and the last checkpoint of the running stage are kept; run the same command "
+                "again to resume")
+    if getattr(args, "engine", "local") == "ray" and args.command in ("predict", "abaw"):
+        return (f"finished shards are kept ({out}.parts, or {out}/ for Parquet); run the same command again to "
+                f"resume from them")
+    if args.command == "synth":
+        return f"{out} is incomplete; run the command again (it rewrites the files it wrote)"
+    if args.command in ("predict", "abaw", "eval", "compare", "prepare"):
+        return f"nothing was written to {out} (it is written when the command ends); run the command again"
+    if args.command == "align":
+        return f"{out} is incomplete; run the command again to write it anew"
+    return "nothing to resume"
+
+
 COMMANDS = {"synth": _run_synth, "prepare": _run_prepare, "align": _run_align, "train": _run_train,
             "predict": _run_predict, "abaw": _run_abaw, "eval": _run_eval, "compare": _run_compare,
             "ablate": _run_ablate, "serve": _run_serve, "labels": _run_labels, "demo": _run_demo,
@@ -316,10 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
+        parser.chosen = args.command  # "did you mean" looks among this sub-command's options
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(-1 if args.quiet else args.verbose)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to go on, not a traceback
+        print(f"\ninterrupted: {_kept_after_interrupt(args)}", file=sys.stderr)
+        return 130
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

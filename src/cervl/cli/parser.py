@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+
+from cervl import __version__
+from cervl.registry import suggest
 
 REPO_CONFIGS = Path("configs")  # relative: `make demo` runs from the repository root; elsewhere pass --config
 
@@ -48,11 +52,36 @@ def _ray_options(p, *, output_format: bool = False) -> None:
                        help="ray: output JSON Lines (default) or a Parquet dataset folder")
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped sub-command, choice or option, as config keys have."""
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            message += suggest(choice.group(1), re.findall(r"'?([\w-]+)'?", choice.group(2))).replace(";", ",", 1)
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown and unknown.group(1).startswith("-"):
+            message += suggest(unknown.group(1).split("=")[0], self.option_names()).replace(";", ",", 1)
+        super().error(message)
+
+    def option_names(self) -> list[str]:
+        """Every option string of this parser and of the sub-command chosen on the command line."""
+        names = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and self.chosen in action.choices:
+                names += list(action.choices[self.chosen]._option_string_actions)
+        return names
+
+    chosen: str | None = None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cervl", description="Compound Expression Recognition with large Vision-Language models")
+    parser = SuggestingParser(prog="cervl", description="Compound Expression Recognition with large "
+                              "Vision-Language models")
+    parser.add_argument("--version", action="version", version=f"cervl {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=SuggestingParser)
     add = sub.add_parser
 
     p = add("synth", help="generate the SynthCE synthetic compound-expression dataset")

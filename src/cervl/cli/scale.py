@@ -23,6 +23,8 @@ def ray_options(args):
 
 def predict(args, items: list, videos: list[Path], detector: dict, tracking: dict) -> int:
     """``cervl predict --engine ray``."""
+    from cervl.predict.predictor import prediction_meta
+    from cervl.run import RunMeta
     from cervl.scale.pipeline import PredictJob, ray_predict
 
     if args.plot:
@@ -31,8 +33,10 @@ def predict(args, items: list, videos: list[Path], detector: dict, tracking: dic
                      batch_size=args.batch_size, align=detector if args.align else None, detector=detector,
                      video_options={"every": args.every, **tracking}, smoothing=args.smoothing, window=args.window,
                      sigma=args.sigma)
-    s = ray_predict(job, args.out, ray_options(args), fmt=args.format,
-                    meta={"run": str(args.run), "manifest": str(args.manifest) if args.manifest else None})
+    run = RunMeta.read(args.run)  # the same meta file as the local engine's, so `cervl eval` reads both
+    meta = prediction_meta(args.run, run.labels, run.style, mode=args.mode, normalize=args.normalize,
+                           manifest=args.manifest)
+    s = ray_predict(job, args.out, ray_options(args), fmt=args.format, meta=meta)
     print(f"wrote {s.rows} predictions to {args.out} ({s.errors} error rows)")
     print(f"ray: {s.line()}")
     return 0

@@ -38,7 +38,9 @@ def load_samples(manifest: str | Path, splits: list[str], label_set: LabelSet, *
     """
     need_labels = need_labels and not need_aus
     if not Path(manifest).is_file():
-        raise DataError(f"manifest not found: {manifest}")
+        demo = "runs/demo/manifests/" in Path(manifest).as_posix()
+        raise DataError(f"manifest not found: {manifest}" + ("; `cervl demo --data-only` (or `make demo`) writes the "
+                                                             "SynthCE demo manifests" if demo else ""))
     m: Manifest = read_manifest(manifest)
     chosen = [r for r in m if r.split in splits]
     if not chosen:

@@ -98,8 +98,8 @@ def prepare_synthce(data: Path, manifests: Path, *, per_class: int, seed: int, p
 
     meta = Path(data) / "synthce.json"
     summary = None
-    if not meta.is_file() or {k: json.loads(meta.read_text()).get(k) for k in ("per_class", "seed")} != \
-            {"per_class": per_class, "seed": seed}:
+    if not meta.is_file() or {k: json.loads(meta.read_text()).get(k, True) for k in ("per_class", "seed", "complete")} \
+            != {"per_class": per_class, "seed": seed, "complete": True}:
         summary = generate(data, per_class=per_class, seed=seed, workers=workers)
     written = {}
     for subset in ("basic", "compound"):

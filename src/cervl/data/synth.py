@@ -25,9 +25,9 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +35,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from cervl.data.manifest import atomic_write_text
+from cervl.errors import InvalidInput
 from cervl.facs import AU_IDS, PROTOTYPES, au_key
 from cervl.faces.align import align_face, apply_affine
 from cervl.labels import get_label_set
+from cervl.workers import ignore_interrupts, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +500,9 @@ def generate(out: str | Path, *, per_class: int = 100, seed: int = 0, test_fract
     summary = {"version": SYNTH_VERSION, "seed": seed, "per_class": per_class, "test_fraction": test_fraction,
                "original_size": original_size, "aligned_size": aligned_size, "subsets": {}}
     t0, n_total = time.perf_counter(), 0
+    claim_output(out, subsets)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "synthce.json", json.dumps({**summary, "complete": False}, indent=2) + "\n")
     for subset in subsets:
         root = out / subset
         for d in ("EmoLabel", "Image/original", "Image/aligned", "Annotation/manual"):
@@ -506,7 +511,9 @@ def generate(out: str | Path, *, per_class: int = 100, seed: int = 0, test_fract
         jobs = [(s, seed, str(out), original_size, aligned_size) for s in specs]
         bar = tqdm(total=len(jobs), desc=f"SynthCE {subset}", unit="img", disable=not progress)
         if workers > 1:
-            with get_context("spawn").Pool(workers) as pool:
+            with start_workers() as ctx:
+                pool = ctx.Pool(workers, initializer=ignore_interrupts)
+            with pool:
                 results = []
                 for res in pool.imap(generate_one, jobs, chunksize=16):
                     results.append(res)
@@ -528,11 +535,35 @@ def generate(out: str | Path, *, per_class: int = 100, seed: int = 0, test_fract
                                       "test": sum(r["name"].startswith("test_") for r in results)}
         n_total += len(results)
         write_sample_sheet(out / f"sample_sheet_{subset}.png", root, results, label_set.classes)
-    atomic_write_text(out / "synthce.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "synthce.json", json.dumps({**summary, "complete": True}, indent=2) + "\n")
     elapsed = time.perf_counter() - t0
     summary["seconds"] = elapsed
     summary["samples_per_second"] = n_total / elapsed if elapsed else float("inf")
     return summary
+
+
+SYNTH_FILE = re.compile(r"^(train|test)_\d{5}(\.jpg|_aligned\.jpg|_manu_attri\.txt)$")
+SYNTH_DIRS = ("Image/original", "Image/aligned", "Annotation/manual")
+
+
+def claim_output(out: Path, subsets: tuple[str, ...]) -> None:
+    """Make ``out`` ready for a new SynthCE: remove the sample files an earlier SynthCE wrote there, so an
+    interrupted run with more samples leaves none behind; refuse a folder cervl did not write.
+
+    A SynthCE folder is recognised by its ``synthce.json`` (written before the first image); only files
+    named as SynthCE names them are removed.
+    """
+    ours = (out / "synthce.json").is_file()
+    for subset in subsets:
+        for d in SYNTH_DIRS:
+            folder = out / subset / d
+            files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+            if files and not ours:
+                raise InvalidInput(f"{out} holds files that cervl did not write ({folder} has {len(files)}, and "
+                                   f"there is no synthce.json): choose a new or empty --out")
+            for p in files:
+                if SYNTH_FILE.match(p.name):
+                    p.unlink()
 
 
 def write_sample_sheet(path: Path, root: Path, results: list[dict], classes: tuple[str, ...], cell: int = 200) -> None:
@@ -549,18 +580,24 @@ def write_sample_sheet(path: Path, root: Path, results: list[dict], classes: tup
             best[r["label"]] = (score, r["name"])
     cols = 4 if len(classes) <= 8 else 6
     rows = math.ceil(len(classes) / cols)
-    pad, text_h = 6, 22
-    sheet = Image.new("RGB", (cols * (2 * cell + pad) + pad, rows * (cell + text_h + pad) + pad), "white")
+    pad, text_h, head = 6, 22, 28
+    sheet = Image.new("RGB", (cols * (2 * cell + pad) + pad, head + rows * (cell + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=15)
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    draw.text((pad, 6), "Each pair: the aligned crop (left, 5-point template) and the original image it was "
+              "cut from (right); one sample per class, the one with the strongest required AUs.",
+              fill="black", font=font)
     for i, label in enumerate(classes):
         name = best[label][1]
         x = pad + (i % cols) * (2 * cell + pad)
-        y = pad + (i // cols) * (cell + text_h + pad)
+        y = head + pad + (i // cols) * (cell + text_h + pad)
         with Image.open(root / "Image" / "aligned" / f"{Path(name).stem}_aligned.jpg") as al:
             sheet.paste(al.convert("RGB").resize((cell, cell), Image.BICUBIC), (x, y))
         with Image.open(root / "Image" / "original" / name) as orig:
             sheet.paste(orig.convert("RGB").resize((cell, cell), Image.BICUBIC), (x + cell, y))
+        for dx, tag in ((0, "aligned"), (cell, "original")):
+            draw.rectangle((x + dx, y, x + dx + 8 * len(tag) + 6, y + 16), fill="white")
+            draw.text((x + dx + 3, y + 1), tag, fill="black", font=small)
         draw.text((x + 2, y + cell + 3), f"{label}  ({name})", fill="black", font=font)
     buf = io.BytesIO()
     sheet.save(buf, "PNG")

@@ -18,6 +18,7 @@ from cervl.data.images import load_rgb
 from cervl.errors import InvalidInput
 from cervl.faces.align import align_face
 from cervl.faces.detect import FaceDetector, make_detector
+from cervl.workers import ignore_interrupts, start_workers
 
 
 @dataclass
@@ -90,6 +91,7 @@ def _init_worker(detector: str, detector_options: dict, aligner_options: dict) -
     import torch
 
     global _WORKER_ALIGNER
+    ignore_interrupts()
     torch.set_num_threads(1)  # one core per worker: processes, not threads, give the parallelism
     _WORKER_ALIGNER = FaceAligner(detector, **aligner_options, **detector_options)
 
@@ -133,9 +135,8 @@ def align_files(files: list, landmarks: list | None = None, *, detector: str = "
         for c in chunks:
             yield from _align_chunk(aligner, c)
         return
-    import multiprocessing as mp
-
-    # spawn, not fork: forking a process that has used torch's thread pool can deadlock
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    with start_workers() as ctx:
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
+    with pool:
         for done in pool.imap(_worker_chunk, chunks):
             yield from done

@@ -21,6 +21,7 @@ from cervl.errors import InvalidInput, UserError
 from cervl.faces.align import align_face
 from cervl.faces.detect import Face, FaceDetector
 from cervl.faces.track import FaceTracker, LandmarkFlow, moved_box
+from cervl.workers import WorkersDied, died_message, ignore_interrupts, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def _video_worker(tasks, results, paths, detector: str, detector_options: dict, 
 
     from cervl.faces.detect import make_detector
 
+    ignore_interrupts()
     torch.set_num_threads(1)  # one core per process: the processes give the parallelism
     det = make_detector(detector, **detector_options)
     while (i := tasks.get()) is not None:
@@ -196,24 +198,23 @@ def parallel_video_faces(paths: list, *, detector: str = "mtcnn", detector_optio
     ``done`` or ``error``, also when a worker process dies. The results queue is bounded, so
     workers wait when the consumer (e.g. the model on a GPU) is slower: memory stays flat.
     """
-    import multiprocessing as mp
     import queue
 
     from cervl.faces.detect import make_detector
 
     make_detector(detector, **(detector_options or {}))  # a bad name or option fails here, not in every worker
     paths = [str(p) for p in paths]
-    ctx = mp.get_context("spawn")  # not fork: a forked torch thread pool can deadlock
-    tasks, results = ctx.Queue(), ctx.Queue(maxsize=4 * max(1, workers))
-    for i in range(len(paths)):
-        tasks.put(i)
-    procs = []
-    for _ in range(max(1, min(workers, len(paths)))):
-        tasks.put(None)
-        procs.append(ctx.Process(target=_video_worker, daemon=True,
-                                 args=(tasks, results, paths, detector, detector_options or {}, options, chunk)))
-    for p in procs:
-        p.start()
+    with start_workers() as ctx:
+        tasks, results = ctx.Queue(), ctx.Queue(maxsize=4 * max(1, workers))
+        for i in range(len(paths)):
+            tasks.put(i)
+        procs = []
+        for _ in range(max(1, min(workers, len(paths)))):
+            tasks.put(None)
+            procs.append(ctx.Process(target=_video_worker, daemon=True,
+                                     args=(tasks, results, paths, detector, detector_options or {}, options, chunk)))
+        for p in procs:
+            p.start()
     running: dict[int, int] = {}  # video -> pid of the worker decoding it
     finished: set[int] = set()
     try:
@@ -227,11 +228,9 @@ def parallel_video_faces(paths: list, *, detector: str = "mtcnn", detector_optio
                         del running[i]
                         finished.add(i)
                         yield "error", i, f"{paths[i]}: the worker process decoding this video died"
-                if len(dead) == len(procs) and results.empty():
-                    for i in range(len(paths)):
-                        if i not in finished:
-                            finished.add(i)
-                            yield "error", i, f"{paths[i]}: not processed: all worker processes died"
+                if len(dead) == len(procs) and results.empty() and len(finished) < len(paths):
+                    raise WorkersDied(died_message(procs, f"processing {len(paths) - len(finished)} of "
+                                                          f"{len(paths)} videos"))
                 continue
             if kind == "start":
                 running[i] = payload

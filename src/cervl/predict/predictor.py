@@ -25,6 +25,7 @@ from cervl.labels import LabelSet, get_label_set
 from cervl.predict.generate import generate_answers, parse_answer
 from cervl.predict.scoring import LabelScorer
 from cervl.prompts import PromptStyle, get_prompt_style
+from cervl.registry import suggest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Item:
     frame: int | None = None
     crop: Image.Image | None = None
     face_status: str | None = None
+    face_box: list[float] | None = None
     error: str | None = None
 
     def row(self) -> dict:
@@ -57,12 +59,19 @@ class Item:
             row["frame"] = self.frame
         if self.face_status is not None:
             row["face"] = self.face_status
+        if self.face_box is not None:
+            row["face_box"] = self.face_box  # x0, y0, x1, y1 in the photo's pixels, as the server returns it
         return row
 
 
 def items_from_manifest(path: str | Path, splits: list[str] | None = None) -> list[Item]:
     """One item per record of a manifest (all splits, or those in ``splits``)."""
     m = read_manifest(path)
+    present = sorted({r.split for r in m})
+    unknown = [s for s in splits or () if s not in present]
+    if unknown:
+        raise InvalidInput(f"{path}: no records in split {unknown[0]!r} (the manifest has {present})"
+                           f"{suggest(unknown[0], present)}")
     return [Item(id=r.sample_id, image=m.image_path(r), label=r.label, video=r.video, frame=r.frame)
             for r in m if not splits or r.split in splits]
 
@@ -100,7 +109,7 @@ def apply_alignment(item: Item, res) -> Item:
     if isinstance(res, str):
         item.error = res
         return item
-    item.face_status = res[0].status
+    item.face_status, item.face_box = res[0].status, res[0].box
     item.crop = res[0].crop
     if item.crop is None:
         item.error = f"no face found ({item.face_status})"
@@ -114,6 +123,13 @@ def write_predictions(path: str | Path, rows: list[dict], meta: dict) -> None:
         raise InvalidInput(f"-o {path} is a folder; give a file name such as {path / 'predictions.jsonl'}")
     atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     atomic_write_text(Path(str(path) + ".meta.json"), json.dumps(meta, indent=2, allow_nan=False) + "\n")
+
+
+def prediction_meta(run, label_set: LabelSet, style: PromptStyle, *, mode: str, normalize: str,
+                    manifest=None) -> dict:
+    """``PREDICTIONS.meta.json``: what ``cervl eval`` needs to read a predictions file (both engines)."""
+    return {"run": str(run), "mode": mode, "normalize": normalize, "label_set": label_set.name,
+            "prompt": style.name, "manifest": str(manifest) if manifest else None}
 
 
 class Predictor:
@@ -154,7 +170,15 @@ class Predictor:
         return cls(model, processor, prompt, label_set)
 
     def score(self, images: list, *, batch_size: int = 8, normalize: str = "sum") -> np.ndarray:
-        """Class probabilities (N, K) in label-set order, by exact constrained scoring."""
+        """Class probabilities (N, K) in label-set order, by exact constrained scoring.
+
+        ``images``: PIL images, arrays or paths. ``None`` (what an aligner gives when it finds no face)
+        is refused with its position, since there is nothing to score.
+        """
+        missing = [i for i, im in enumerate(images) if im is None]
+        if missing:
+            raise InvalidInput(f"image {missing[0]} of {len(images)} is None: no face was found there (check the "
+                               f"aligner's .status, or .crop is not None, before scoring)")
         if self._scorer is None or self._scorer.normalize != normalize:
             self._scorer = LabelScorer(self.model, self.processor, self.style, self.label_set, normalize=normalize)
         return self._scorer(images, batch_size=batch_size)
@@ -211,4 +235,4 @@ class Predictor:
 
 
 __all__ = ["Item", "Predictor", "align_items", "apply_alignment", "items_from_manifest", "items_from_paths",
-           "write_predictions"]
+           "prediction_meta", "write_predictions"]

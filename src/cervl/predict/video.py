@@ -139,24 +139,26 @@ def predict_videos(predictor: Predictor, paths: list, *, detector: str = "mtcnn"
 
 def plot_video_probs(rows: list[dict], classes: tuple[str, ...], path) -> Path:
     """Smoothed class probabilities over time (one line per class), frames without a face shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cervl.plotting import class_style, legend_outside
+
     frames = [r["frame"] for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = plt.subplots(figsize=(12, 4.0))
     if rows and "probs_smoothed" in rows[0]:
-        for c in classes:
-            ax.plot(frames, [r["probs_smoothed"][c] for r in rows], label=c, lw=1.4)
+        share = {c: np.mean([r["pred"] == c for r in rows]) for c in classes}
+        for i, c in enumerate(classes):  # the dominant class drawn thicker
+            ax.plot(frames, [r["probs_smoothed"][c] for r in rows], label=f"{c} ({share[c]:.0%} of frames)",
+                    lw=2.2 if share[c] == max(share.values()) else 1.3, **class_style(i))
     for r in rows:
         if r["status"] == "lost":
             ax.axvspan(r["frame"] - 0.5, r["frame"] + 0.5, color="0.85", lw=0)
     ax.set_xlabel("frame")
     ax.set_ylabel("probability (smoothed)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{rows[0]['video'] if rows else ''}: expression over time (grey: no face)", fontsize=10)
-    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    ax.set_title(f"{rows[0]['video'] if rows else ''}: expression over time ({len(rows)} frames; grey: no face; "
+                 f"legend: share of frames where the class is top)", fontsize=10)
+    legend_outside(ax)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

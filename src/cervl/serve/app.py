@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from PIL import Image
 
 from cervl.data.images import ImageError, to_rgb
@@ -314,6 +315,13 @@ async def _http_error(request, exc: HTTPError):
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
+async def _starlette_error(request, exc: StarletteHTTPException):
+    # unknown routes (404) and wrong methods (405) answer in the same {"error": ...} shape as the rest
+    text = {404: f"no such route: {request.method} {request.url.path} (routes: /docs)",
+            405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return JSONResponse({"error": text}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
 async def _validation_error(request, exc):
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()))
@@ -334,6 +342,7 @@ def create_app(predictor, settings: ServeSettings | None = None, *, run_info: di
     app.state.service, app.state.metrics = svc, svc.metrics
     app.add_exception_handler(HTTPError, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _starlette_error)
     app.add_exception_handler(Exception, _server_fault)
     app.middleware("http")(svc.auth_and_metrics)
     for path, endpoint, method, summary in (
