@@ -18,3 +18,18 @@ def test_gpu_benchmark_smoke(tmp_path):
     tiny = out["tiny"]
     assert tiny["samples_per_s"] > 0 and tiny["score_img_s"] > 0 and tiny["generate_img_s"] > 0
     assert tiny["prefix"] >= 16 and tiny["seq_len"] > tiny["prefix"] and tiny["paper_recipe_hours"] > 0
+
+
+def test_readme_figures_come_from_the_run_and_name_the_cpu(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "test_metrics.json").write_text(json.dumps({"n": 220, "accuracy": 166 / 220, "macro_f1": 0.7421,
+                                                      "top2_accuracy": 0.9, "per_class_accuracy": [0.5] * 11}))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_figures.py"), "--run", str(run),
+                          "--n", "11"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = dict((c.strip() for c in line.strip().strip("|").split("|", 1)) for line in res.stdout.splitlines()[2:])
+    assert rows["demo test accuracy (aligned SynthCE compound)"] == "75.45% ± 2.90% (n = 220, chance 9.1%)"
+    assert rows["demo macro-F1"] == "0.742" and "cores, torch CPU capability" in rows["CPU"]
+    assert float(rows["SynthCE render only, one core"].split()[0]) > 0

@@ -100,6 +100,13 @@ def both(demo, tmp_path, address, *args):
 def test_manifest_rows_equal_the_local_engine(demo, tmp_path, cluster):
     local, remote = both(demo, tmp_path, cluster, "--manifest", demo / "m" / "synthce-compound-aligned.jsonl")
     assert len(local) == 22 and remote == local  # every row, in order, every probability to 6 decimals
+    # the same meta file, so that `cervl eval` reads Ray output as it reads local output
+    meta = {k: json.loads(Path(f"{tmp_path / k}.jsonl.meta.json").read_text()) for k in ("local", "ray")}
+    assert meta["ray"].pop("engine") == "ray" and meta["ray"] == meta["local"]
+    assert meta["local"]["label_set"] == "rafdb-compound"
+    res = subprocess.run([sys.executable, "-m", "cervl.cli", "eval", tmp_path / "ray.jsonl", "-o", tmp_path / "rep"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "accuracy" in res.stdout, res.stderr[-2000:]
 
 
 def test_folder_with_align_and_a_corrupt_file(demo, tmp_path, cluster):
@@ -218,6 +225,24 @@ def test_an_interrupted_run_resumes_without_duplicates(demo, tmp_path, cluster):
     assert [r["id"] for r in got] == [f"img{i:04d}.png" for i in range(160)]  # complete, each once, in order
     res = cervl("predict", "--run", demo / "run", folder, "-o", tmp_path / "local.jsonl")
     assert res.returncode == 0 and rows(tmp_path / "local.jsonl") == got
+
+
+def test_ctrl_c_on_the_driver_prints_one_line_and_keeps_the_shards(demo, tmp_path, cluster):
+    folder = _many_images(tmp_path / "imgs", 160)
+    out = tmp_path / "ray.jsonl"
+    args = [sys.executable, "-m", "cervl.cli", "predict", "--run", str(demo / "run"), str(folder), "-o", str(out),
+            "--engine", "ray", "--shard-size", "8", "--actors", "1"]
+    proc = subprocess.Popen(args, env={**os.environ, "RAY_ADDRESS": cluster}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    parts = Path(str(out) + ".parts")
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(parts.glob("a-*.jsonl"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
+    assert len(lines) == 1 and "finished shards are kept" in lines[0] and len(list(parts.glob("a-*.jsonl"))) >= 2
 
 
 def test_parquet_output_shipped_run_and_a_changed_resume_is_refused(demo, tmp_path, cluster):

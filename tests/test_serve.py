@@ -289,3 +289,11 @@ def test_cli_serve_refuses_open_host_without_key(tmp_path):
     res = subprocess.run([sys.executable, "-m", "cervl.cli", "serve", "--run", str(tmp_path), "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "API key" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_shape(client):
+    # before: {"detail": "Not Found"}, while every other error is {"error": ...}
+    r = client.get("/v1/nope")
+    assert r.status_code == 404 and r.json() == {"error": "no such route: GET /v1/nope (routes: /docs)"}
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and r.json()["error"].startswith("method GET not allowed")
