@@ -79,6 +79,13 @@ def _check_levers(model, proc, answers, size=(112, 112)):
     shared = AnswerObjective(model, prefix=prefix)
     _assert_same(ref, _loss_and_grads(model, lambda: shared(**batch)))
     assert shared.shared_batches == 1
+    assert shared.lever_record() == {"shared_prefix_tokens": len(prefix), "shared_prefix_batches": 1,
+                                     "plain_batches": 0, "vision_cache_hits": None, "vision_cache_misses": None,
+                                     "vision_cache_hit_rate": None}
+    # 19.10: a batch that does not start with the prefix runs the plain forward, and DONE.json says so
+    other = AnswerObjective(model, prefix=[t + 1 for t in prefix])
+    _assert_same(ref, _loss_and_grads(model, lambda: other(**batch)))
+    assert other.lever_record()["shared_prefix_tokens"] == 0 and other.lever_record()["plain_batches"] == 1
     cache = VisionCache(model, proc, None, 64)
     cached = AnswerObjective(model, prefix=prefix, vision_cache=cache)
     if not ACCEPTS_ENCODER_OUTPUTS:  # older transformers: the cache is refused, not silently wrong
@@ -88,6 +95,7 @@ def _check_levers(model, proc, answers, size=(112, 112)):
     for _ in range(2):  # first pass fills the cache, second reads it
         _assert_same(ref, _loss_and_grads(model, lambda: cached(**batch, image_hashes=hashes)))
     assert cache.hits == len(answers) and cache.misses == len(answers) and cache.hit_rate == 0.5
+    assert cached.lever_record()["vision_cache_hits"] == len(answers) == cached.lever_record()["vision_cache_misses"]
     return ref
 
 
@@ -141,3 +149,30 @@ def test_shapes_listed(shared_dir):
     names = sorted(p.name for p in (shared_dir / "qwen-vl-shapes").iterdir())
     assert "qwen2-vl-2b" in names and json.loads((shared_dir / "qwen-vl-shapes" / "qwen2-vl-2b" / "config.json")
                                                 .read_text())["model_type"] == "qwen2_vl"
+
+
+SPILL = """import sys
+from pathlib import Path
+import torch
+from cervl.objective import VisionCache
+c = VisionCache.__new__(VisionCache)
+c.folder, c.budget, c.used, c.memory = Path(sys.argv[1]), 0, 0, {}
+for i in range(400):
+    c.put("samekey", {"f": torch.full((64, 32), float(i))})
+"""
+
+
+def test_two_processes_spilling_the_same_key(tmp_path):
+    # 19.6: both ranks wrote ".samekey.tmp"; one renamed the other's file away and crashed
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    procs = [subprocess.Popen([sys.executable, "-c", SPILL, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samekey.safetensors"]  # no temporary file left
+    f = load_file(tmp_path / "samekey.safetensors")["f"]
+    assert f.shape == (64, 32) and bool((f == f[0, 0]).all())  # one whole write, not a mix

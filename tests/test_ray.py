@@ -268,3 +268,18 @@ def test_without_ray_the_error_says_how_to_install(demo, tmp_path):
             f"{str(tmp_path / 'x.jsonl')!r}, '--engine', 'ray']))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "pip install 'cervl[ray]'" in res.stderr
+
+
+def test_parquet_parts_get_the_umask_mode_not_0600(tmp_path):
+    # 19.9: mkstemp's 0600 stayed on every part, unreadable to the group that reads the output
+    from cervl.data.manifest import new_file_mode
+    from cervl.scale.shards import ShardStore
+
+    store = ShardStore(tmp_path / "out", "parquet", "fp")
+    store.write("a-00000", [{"id": "x", "pred": "Sadly Angry"}])
+    parts = list((tmp_path / "out").glob("*.parquet"))
+    assert len(parts) == 1 and stat_mode(parts[0]) == new_file_mode() != 0o600
+
+
+def stat_mode(path):
+    return path.stat().st_mode & 0o777

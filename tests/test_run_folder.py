@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from cervl.data.prepare import prepare_synthce
 
@@ -143,3 +144,27 @@ def test_cli_prints_user_errors_and_keeps_tracebacks_of_bugs(monkeypatch, capsys
     monkeypatch.setitem(cli.COMMANDS, "labels", bug)
     with pytest.raises(KeyError, match="oops"):
         cli.main(["labels"])
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def test_loading_never_writes_the_run_folder(runs, tmp_path):
+    # 19.5: load_run renamed .final.old back to final; a save in progress then lost its new weights, two
+    # actors recovering at once failed, and a read-only shared folder failed
+    from cervl.predict import Predictor
+    from cervl.run import RunLock, RunMeta, load_run, save_final
+
+    run = tmp_path / "merged"
+    shutil.copytree(runs / "merged", run)
+    reference = Predictor.from_run(run).score([Image.new("RGB", (112, 112), (128, 100, 90))])
+    (run / "final").rename(run / ".final.old")  # a save killed between its two renames
+    before = _snapshot(run)
+    model, processor, meta = load_run(run)
+    assert _snapshot(run) == before and not (run / "final").exists()  # read from .final.old, nothing moved
+    got = Predictor(model, processor, meta.style, meta.labels).score([Image.new("RGB", (112, 112), (128, 100, 90))])
+    assert np.array_equal(got, reference)
+    with RunLock(run):  # recovery belongs to the lock holder: the trainer's save puts a complete final/ back
+        save_final(model, processor, RunMeta.read(run), run)
+    assert (run / "final" / "cervl.json").is_file() and not (run / ".final.old").exists()

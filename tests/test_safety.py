@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,21 @@ def test_case1_train_refuses_a_folder_that_is_not_a_cervl_run(tmp_path, data):
     assert "not a cervl run folder" in one_line_error(res)
     assert (target / "final" / "thesis.tex").read_text() == "years of work"
     assert sorted(p.name for p in target.iterdir()) == ["final"]
+
+
+def test_a_users_config_stages_and_base_are_not_adopted_as_an_old_run(tmp_path, data):
+    # 19.8: config.json + stages/ used to be enough to count as a run from before the marker; check_config
+    # then overwrote the config and removed base/
+    target = tmp_path / "mine"
+    (target / "stages" / "notes").mkdir(parents=True)
+    (target / "stages" / "notes" / "a.txt").write_text("notes")
+    (target / "base").mkdir()
+    (target / "base" / "weights.bin").write_bytes(b"my weights")
+    (target / "config.json").write_text('{"model": {"name": "mine"}, "stages": ["mine"]}')
+    before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    res = cervl("train", recipe(tmp_path, data), f"output_dir={target}", "--no-progress")
+    assert "not a cervl run folder" in one_line_error(res)
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
 
 
 def test_case2_pretrain_tiny_refuses_a_foreign_out_folder(tmp_path):
@@ -386,15 +402,49 @@ def test_case12_output_is_a_folder_port_in_use_and_pickled_adapter(tmp_path, dat
 
 # --- locks (case 15) -------------------------------------------------------------------------
 
+HOLD_LOCK = """import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+TAKE_LOCK = """import sys, time
+from cervl.errors import UserError
+from cervl.run import RunLock
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+try:
+    with RunLock(sys.argv[1]):
+        time.sleep(1.0)
+        print("held", flush=True)
+except UserError as e:
+    print("refused", e, flush=True)
+"""
+
+
+def test_two_trainers_finding_a_dead_holder_take_the_lock_once(tmp_path):
+    # 19.4: both used to unlink the stale file and both create a new one, so both trained into one folder
+    run = tmp_path / "run"
+    run.mkdir()
+    for _ in range(5):
+        (run / ".lock").write_text(json.dumps({"pid": 999999, "host": socket.gethostname(), "since": "then"}))
+        start = time.time() + 1.5  # both wake at the same moment, after their imports
+        procs = [subprocess.Popen([sys.executable, "-c", TAKE_LOCK, str(run), str(start)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = sorted(p.communicate(timeout=60)[0].split(" ")[0].strip() for p in procs)
+        assert outs == ["held", "refused"], outs
+
+
 def test_case15_one_trainer_per_run_folder(tmp_path, data):
     from cervl.errors import UserError
     from cervl.run import RunLock, claim_run_dir
 
     run = tmp_path / "run"
     claim_run_dir(run)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
-        (run / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "now"}))
+        assert holder.stdout.readline().strip() == "locked"
         err = one_line_error(cervl("train", recipe(tmp_path, data), "--no-progress"))
         assert f"pid {holder.pid}" in err and "in use" in err
     finally:

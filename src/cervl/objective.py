@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -77,9 +79,13 @@ class VisionCache:
             from safetensors.torch import save_file
 
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{key}.tmp"
-            save_file({k: v.contiguous().cpu() for k, v in entry.items()}, tmp)
-            tmp.replace(self.folder / f"{key}.safetensors")
+            # a name of this process's own: every rank of a multi-process run spills into the same folder
+            tmp = self.folder / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                save_file({k: v.contiguous().cpu() for k, v in entry.items()}, tmp)
+                os.replace(tmp, self.folder / f"{key}.safetensors")  # atomic: readers see a whole file or none
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def features(self, core, pixel_values, grid, image_hashes: list[str]):
         """The vision output for a batch (what ``get_image_features`` returns): cached images reused,
@@ -150,7 +156,7 @@ class AnswerObjective(torch.nn.Module):
                         "(mm_encoder_outputs); the vision tower runs every step")
             vision_cache = None
         self.vision_cache = vision_cache
-        self.shared_batches = 0
+        self.shared_batches = self.plain_batches = 0  # what actually ran, recorded in DONE.json
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None, image_hashes=None):
@@ -164,6 +170,10 @@ class AnswerObjective(torch.nn.Module):
             hidden, labels = self._shared_prefix(core, input_ids, attention_mask, labels, mm_token_type_ids, vision)
             self.shared_batches += 1
         else:
+            if p and not self.plain_batches:
+                log.warning("a batch does not start with the %d-token shared prefix: it runs the plain forward "
+                            "(counted in DONE.json as plain_batches)", p)
+            self.plain_batches += 1
             hidden = core(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
                           **vision).last_hidden_state
         target = labels[:, 1:]
@@ -174,6 +184,14 @@ class AnswerObjective(torch.nn.Module):
         keep = target != IGNORE
         logits = head(hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, target[keep], reduction="sum")
+
+    def lever_record(self) -> dict:
+        """What the levers did in this process's steps (not what was configured), for ``DONE.json``."""
+        cache = self.vision_cache
+        return {"shared_prefix_tokens": len(self.prefix) if self.shared_batches else 0,
+                "shared_prefix_batches": self.shared_batches, "plain_batches": self.plain_batches,
+                "vision_cache_hits": cache.hits if cache else None, "vision_cache_misses": cache.misses if cache else None,
+                "vision_cache_hit_rate": round(cache.hit_rate, 4) if cache else None}
 
     def _shared_prefix(self, core, input_ids, attention_mask, labels, mm_token_type_ids, vision):
         from transformers import DynamicCache

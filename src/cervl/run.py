@@ -19,9 +19,11 @@ are re-rooted at the ``stages/`` or ``base`` component.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -105,7 +107,7 @@ class RunMeta:
 
     @classmethod
     def read(cls, run_dir: Path) -> "RunMeta":
-        path = Path(run_dir) / "final" / RUN_META
+        path = final_dir(run_dir) / RUN_META
         if not Path(run_dir).is_dir():
             demo = Path(run_dir).as_posix().rstrip("/").endswith("runs/demo/run")
             raise InputNotFound(f"run folder not found: {run_dir}" + (" (`make demo` creates it)" if demo else ""))
@@ -123,6 +125,17 @@ class RunMeta:
             raise InvalidInput(f"{path}: not a cervl run description ({e})") from None
 
 
+def final_dir(run_dir: str | Path) -> Path:
+    """Where a reader finds the finished weights: ``final/``, or ``.final.old`` when a save was killed between
+    its two renames (that copy is complete). Readers never move it back: recovery writes, and belongs to the
+    process holding the run lock (:func:`save_final` in ``cervl train``)."""
+    run_dir = Path(run_dir)
+    final, old = run_dir / "final", run_dir / ".final.old"
+    if not (final / RUN_META).is_file() and (old / RUN_META).is_file():
+        return old
+    return final
+
+
 def write_json(path: Path, data) -> None:
     from cervl.data.manifest import atomic_write_text
 
@@ -133,12 +146,31 @@ def write_json(path: Path, data) -> None:
 # Ownership and locking
 # ----------------------------------------------------------------------------------------------
 
+RUN_NAMES = {MARKER, "config.json", "lineage.json", "stages", "final", ".final.old", ".final.tmp", "base", "eval",
+             "vision_cache", ".lock", "test_metrics.json", "bad_samples.json"}
+
+
 def is_run(run_dir: Path) -> bool:
-    """A folder cervl wrote as a run (marker, or a config.json of a run from before the marker)."""
+    """A folder cervl wrote as a run: its marker, or a run from before the marker whose files all are cervl's.
+
+    A folder merely holding a ``config.json`` and a ``stages/`` is not enough: adopting it would overwrite
+    that config and remove ``base/`` (a user's files). An old run has only cervl's top-level names, a
+    ``config.json`` with ``model`` and ``stages``, and stage folders named ``NN-name``.
+    """
     run_dir = Path(run_dir)
     if (run_dir / MARKER).is_file():
         return True
-    return (run_dir / "config.json").is_file() and (run_dir / "stages").is_dir()
+    if not ((run_dir / "config.json").is_file() and (run_dir / "stages").is_dir()):
+        return False
+    if any(p.name not in RUN_NAMES for p in run_dir.iterdir()):
+        return False
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    stages_ok = all(p.is_dir() and re.fullmatch(r"\d{2}-[\w.-]+", p.name) for p in (run_dir / "stages").iterdir())
+    return isinstance(config, dict) and isinstance(config.get("model"), dict) \
+        and isinstance(config.get("stages"), list) and stages_ok
 
 
 def claim_run_dir(run_dir: Path) -> None:
@@ -182,63 +214,63 @@ def check_config(run_dir: Path, config: dict) -> None:
 
 
 class RunLock:
-    """``RUN/.lock`` holding the trainer's pid and host; a second trainer on the same folder fails at once.
+    """``RUN/.lock``: an OS lock (``flock``) held for the whole run; the file names the holder's pid and host.
 
-    A lock whose process is dead (same host) is stale, and is taken over with a warning.
+    A second trainer on the same folder fails at once with the holder in the message. The kernel releases
+    the lock when its process dies, so a stale lock is taken over (with a warning) by exactly one of
+    any number of trainers that find it at the same moment.
     """
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
-        self.held = False
+        self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._check_stale()
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return self
-        raise UserError(f"cannot lock {self.path.parent}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._busy() from None
+            try:  # the holder before us may have unlinked the file between our open and our flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        old = self._read(fd)
+        if old.get("pid") is not None:
+            log.warning("taking over the stale lock of %s (process %s on %s is gone)", self.path.parent,
+                        old.get("pid"), old.get("host"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return self
 
-    def _check_stale(self) -> None:
+    @staticmethod
+    def _read(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            return {}
+
+    def _busy(self) -> UserError:
         try:
             other = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
             other = {}
-        pid, host = other.get("pid"), other.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-            log.warning("taking over the stale lock of %s (process %d on %s is gone)", self.path.parent, pid, host)
-            self.path.unlink(missing_ok=True)
-            return
-        if not other:  # unreadable: a trainer is writing it right now, or it is damaged
-            raise UserError(f"{self.path} exists and is unreadable; if no cervl train runs on this folder, delete it")
-        raise UserError(f"{self.path.parent} is in use by cervl train (pid {pid} on {host}, since "
-                        f"{other.get('since')}); wait for it, or choose another output_dir")
+        return UserError(f"{self.path.parent} is in use by cervl train (pid {other.get('pid')} on {other.get('host')}, "
+                         f"since {other.get('since')}); wait for it, or choose another output_dir")
 
     def __exit__(self, *exc) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before the unlock: a waiting opener then finds a new file
+            os.close(self.fd)
+            self.fd = None
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Base weights, stages, final model
-# ----------------------------------------------------------------------------------------------
 
 def base_entry(spec_name: str, run_dir: Path) -> dict:
     """The lineage entry of a run's starting weights."""
@@ -345,12 +377,10 @@ def load_run(run_dir: str | Path, *, dtype: str | None = None):
     stages in lineage order. ``dtype`` defaults to bf16 on a GPU and fp32 on the CPU.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "final").is_dir() and (run_dir / ".final.old" / RUN_META).is_file():
-        os.replace(run_dir / ".final.old", run_dir / "final")  # a save was killed between its renames
-    meta = RunMeta.read(run_dir)
+    meta = RunMeta.read(run_dir)  # reads only: predict, serve and every Ray actor may load at once, read-only
     attn = default_attn_implementation()
     if meta.save == "merged":
-        model, processor = load_model(run_dir / "final", dtype=dtype, attn_implementation=attn)
+        model, processor = load_model(final_dir(run_dir), dtype=dtype, attn_implementation=attn)
         return model, processor, meta
     model, processor = load_model(base_weights(meta.lineage[0], run_dir), dtype=dtype, attn_implementation=attn)
     for entry in meta.lineage[1:]:

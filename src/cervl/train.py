@@ -456,15 +456,13 @@ class StageTrainer:
     # --- save and merge -----------------------------------------------------------------------
     def finish(self):
         stage = self.stage
-        cache = self.objective.vision_cache
         sharded = None
         if self.sharded:  # every rank gets the full weights back: evaluate, save and merge see them whole
             self.model = gather_unsharded(self.model, self.skeleton)  # checked there: no DTensor, full shapes
             sharded = {"processes": self.world, "gathered_parameters": sum(p.numel() for p in self.model.parameters())}
         info = {"stage": stage.name, "kind": stage.method, "index": self.index, "label_set": stage.labels.name,
                 "prompt": stage.style.name, "data": to_dict(stage.data), "steps": self.total_steps,
-                "skipped_steps": self.skipped_steps, "shared_prefix_tokens": len(self.objective.prefix),
-                "vision_cache_hit_rate": round(cache.hit_rate, 4) if cache else None, "sharded": sharded}
+                "skipped_steps": self.skipped_steps, **self.objective.lever_record(), "sharded": sharded}
         if stage.method == "lora":
             info.update(rank=stage.lora.rank, alpha=stage.lora.alpha, adapter=relative(self.run_dir, self.dir / "adapter"))
         else:

@@ -181,7 +181,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600: keep the mode of the file being replaced, or give a new file the umask's
-        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -192,10 +192,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The mode a new file gets under the umask (``mkstemp`` would give 0600)."""
     mask = os.umask(0)  # the only portable way to read it; set straight back
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def write_manifest(path: str | os.PathLike, records: Iterable[Record], *, root: str | os.PathLike | None = None) -> int:

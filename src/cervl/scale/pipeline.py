@@ -147,7 +147,9 @@ class PredictJob:
         return rows
 
     def fingerprint(self, size: int, fmt: str) -> str:
-        final = Path(self.run) / "final"
+        from cervl.run import final_dir
+
+        final = final_dir(self.run)
         stamp = final.stat().st_mtime_ns if final.exists() else None
         return fingerprint({"run": str(Path(self.run).resolve()), "weights": stamp, "fmt": fmt, "size": size,
                             "items": [(i.id, str(i.image), i.label, i.video, i.frame) for i in self.items],

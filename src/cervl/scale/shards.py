@@ -21,7 +21,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from cervl.data.manifest import atomic_write_text
+from cervl.data.manifest import atomic_write_text, new_file_mode
 from cervl.errors import InvalidInput
 
 MARKER = "_cervl-shards.json"  # a leading "_": Parquet readers skip it
@@ -80,6 +80,7 @@ class ShardStore:
         if path.exists():
             return
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dir)
+        os.fchmod(fd, new_file_mode())  # shards become the output (Parquet parts): the umask's mode, not 0600
         os.close(fd)
         try:
             if self.fmt == "parquet":

@@ -135,13 +135,13 @@ def track_videos(batch: dict, *, detector: dict, video_options: dict, chunk_crop
 def pack_run(run_dir: Path, limit: int = 2 * 2**30) -> dict[str, bytes]:
     """A merged run's files needed for prediction (``cervl-run.json`` and ``final/``), for the object store."""
     from cervl.errors import InvalidInput
-    from cervl.run import MARKER, RunMeta
+    from cervl.run import MARKER, RunMeta, final_dir
 
     run_dir = Path(run_dir)
     if RunMeta.read(run_dir).save != "merged":
         raise InvalidInput(f"--ship-run needs a run saved with save: merged ({run_dir} keeps adapters over a base "
                            f"that the actors must read themselves); put the run on a shared file system instead")
-    files = [run_dir / MARKER] + sorted(p for p in (run_dir / "final").rglob("*") if p.is_file())
+    files = [run_dir / MARKER] + sorted(p for p in final_dir(run_dir).rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)
     if size > limit:
         raise InvalidInput(f"--ship-run: {run_dir} holds {size / 2**30:.1f} GiB; the object store path is for small "
