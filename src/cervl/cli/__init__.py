@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from cervl.cli.interrupt import kept_after_interrupt
 from cervl.cli.parser import build_parser
 from cervl.errors import UserError
 
@@ -304,24 +305,6 @@ def _tracking(args) -> dict:
     return {"redetect_every": args.redetect_every, "verify_every": args.verify_every}
 
 
-def _kept_after_interrupt(args) -> str:
-    """What an interrupted command leaves behind, and how to carry on."""
-    out = getattr(args, "out", None)
-    if args.command in ("train", "demo"):
-        return ("finished stages and the last checkpoint of the running stage are kept; run the same command "
-                "again to resume")
-    if getattr(args, "engine", "local") == "ray" and args.command in ("predict", "abaw"):
-        return (f"finished shards are kept ({out}.parts, or {out}/ for Parquet); run the same command again to "
-                f"resume from them")
-    if args.command == "synth":
-        return f"{out} is incomplete; run the command again (it rewrites the files it wrote)"
-    if args.command in ("predict", "abaw", "eval", "compare", "prepare"):
-        return f"nothing was written to {out} (it is written when the command ends); run the command again"
-    if args.command == "align":
-        return f"{out} is incomplete; run the command again to write it anew"
-    return "nothing to resume"
-
-
 COMMANDS = {"synth": _run_synth, "prepare": _run_prepare, "align": _run_align, "train": _run_train,
             "predict": _run_predict, "abaw": _run_abaw, "eval": _run_eval, "compare": _run_compare,
             "ablate": _run_ablate, "serve": _run_serve, "labels": _run_labels, "demo": _run_demo,
@@ -341,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to go on, not a traceback
-        print(f"\ninterrupted: {_kept_after_interrupt(args)}", file=sys.stderr)
+        print(f"\ninterrupted: {kept_after_interrupt(args)}", file=sys.stderr)
         return 130
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
