@@ -202,17 +202,24 @@ def test_a_killed_actor_still_gives_complete_output(demo, tmp_path, cluster):
     assert res.returncode == 0 and rows(tmp_path / "local.jsonl") == got
 
 
-def test_an_interrupted_run_resumes_without_duplicates(demo, tmp_path, cluster):
+def _driver_after_shards(demo, tmp_path, cluster, shards: int, stderr=subprocess.DEVNULL):
+    """Start a Ray ``cervl predict`` over 160 images; return (process, folder, output) once ``shards`` are written."""
     folder = _many_images(tmp_path / "imgs", 160)
     out = tmp_path / "ray.jsonl"
     args = [sys.executable, "-m", "cervl.cli", "predict", "--run", str(demo / "run"), str(folder), "-o", str(out),
             "--engine", "ray", "--shard-size", "8", "--actors", "1"]
     proc = subprocess.Popen(args, env={**os.environ, "RAY_ADDRESS": cluster}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=stderr, text=True)
     parts = Path(str(out) + ".parts")
     deadline = time.time() + 180
-    while time.time() < deadline and len(list(parts.glob("a-*.jsonl"))) < 3:
+    while time.time() < deadline and len(list(parts.glob("a-*.jsonl"))) < shards:
         time.sleep(0.05)
+    return proc, folder, out
+
+
+def test_an_interrupted_run_resumes_without_duplicates(demo, tmp_path, cluster):
+    proc, folder, out = _driver_after_shards(demo, tmp_path, cluster, 3)
+    parts = Path(str(out) + ".parts")
     proc.send_signal(signal.SIGKILL)  # the driver dies mid-run
     proc.wait()
     kept = len(list(parts.glob("a-*.jsonl")))
@@ -228,16 +235,8 @@ def test_an_interrupted_run_resumes_without_duplicates(demo, tmp_path, cluster):
 
 
 def test_ctrl_c_on_the_driver_prints_one_line_and_keeps_the_shards(demo, tmp_path, cluster):
-    folder = _many_images(tmp_path / "imgs", 160)
-    out = tmp_path / "ray.jsonl"
-    args = [sys.executable, "-m", "cervl.cli", "predict", "--run", str(demo / "run"), str(folder), "-o", str(out),
-            "--engine", "ray", "--shard-size", "8", "--actors", "1"]
-    proc = subprocess.Popen(args, env={**os.environ, "RAY_ADDRESS": cluster}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc, _, out = _driver_after_shards(demo, tmp_path, cluster, 2, stderr=subprocess.PIPE)
     parts = Path(str(out) + ".parts")
-    deadline = time.time() + 180
-    while time.time() < deadline and len(list(parts.glob("a-*.jsonl"))) < 2:
-        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
