@@ -248,7 +248,8 @@ def test_a_stalled_client_does_not_block_the_others(predictor):
                 s.close()
 
 
-def test_video_job_end_to_end(predictor, tmp_path):
+def _clip(tmp_path):
+    """An 8-frame, 10 frames/s MJPG clip of a face moving right; frame 5 has no face."""
     cv2 = pytest.importorskip("cv2")
     from skimage import data
 
@@ -261,15 +262,28 @@ def test_video_job_end_to_end(predictor, tmp_path):
             canvas[30:196, 20 + 8 * i: 170 + 8 * i] = face
         vw.write(np.ascontiguousarray(canvas[:, :, ::-1]))
     vw.release()
+    return path
+
+
+def _post_video(c, path):
+    return c.post("/v1/predict/video", files={"file": ("clip.avi", path.read_bytes(), "video/x-msvideo")})
+
+
+def _finished(c, url) -> dict:
+    for _ in range(300):
+        job = c.get(url).json()
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job still {job['status']}")
+
+
+def test_video_job_end_to_end(predictor, tmp_path):
+    path = _clip(tmp_path)
     with TestClient(create_app(predictor)) as c:
-        r = c.post("/v1/predict/video", files={"file": ("clip.avi", path.read_bytes(), "video/x-msvideo")})
+        r = _post_video(c, path)
         assert r.status_code == 202, r.text
-        url = r.json()["status_url"]
-        for _ in range(300):
-            job = c.get(url).json()
-            if job["status"] in ("done", "failed"):
-                break
-            time.sleep(0.1)
+        job = _finished(c, r.json()["status_url"])
         assert job["status"] == "done", job
         assert job["frames_total"] == 8 and len(job["rows"]) == 8 and len(job["timeline"]["smoothed"]) == 8
         assert [r["status"] for r in job["rows"]][4] == "lost" and job["summary"]["frames_with_face"] == 7
@@ -297,3 +311,141 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(client):
     assert r.status_code == 404 and r.json() == {"error": "no such route: GET /v1/nope (routes: /docs)"}
     r = client.get("/v1/predict")
     assert r.status_code == 405 and r.json()["error"].startswith("method GET not allowed")
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding(predictor):
+    # 19.1: each image passed its own 40-MP check, the request as a whole had no limit
+    settings = ServeSettings(max_pixels=1_000_000, max_request_pixels=2_000_000)
+    with TestClient(create_app(predictor, settings)) as c:
+        files = [("files", (f"{i}.png", png((1000, 1000)), "image/png")) for i in range(3)]
+        r = c.post("/v1/predict/batch", files=files)
+        assert r.status_code == 413 and "3 images of 3000000 pixels in all exceed" in r.json()["error"]
+        r = c.post("/v1/predict/batch", files=files[:2])
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+        # /v1/predict scores the first part only, so it decodes only that one (a broken second part is ignored)
+        r = c.post("/v1/predict", files=[("file", ("a.png", png(), "image/png")),
+                                         ("file", ("b.png", b"\x89PNG broken", "image/png"))])
+        assert r.status_code == 200 and r.json()["pred"] in predictor.label_set.classes
+        assert c.app.state.service.pixels.used == 0  # every request gave its pixels back
+
+
+def test_the_server_wide_pixel_budget_makes_requests_wait_then_503():
+    import asyncio
+
+    from cervl.serve.batcher import PixelBudget
+
+    async def scenario():
+        budget = PixelBudget(3_000_000, wait_s=0.2)
+        first = await budget.acquire(2_000_000)
+        with pytest.raises(PixelBudget.Busy, match="2000000 of 3000000 pixels"):
+            await budget.acquire(2_000_000)  # does not fit: waits 0.2 s, then busy (the server answers 503)
+        waiter = asyncio.ensure_future(PixelBudget.acquire(budget, 2_000_000))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await budget.release(first)  # room again: the waiting request goes on
+        assert await asyncio.wait_for(waiter, 1.0) == 2_000_000 and budget.used == 2_000_000
+
+    asyncio.run(scenario())
+
+
+SERVER = """import sys
+import uvicorn
+from cervl.models import build_tiny
+from cervl.predict import Predictor
+from cervl.serve.app import create_app
+model, proc = build_tiny("tiny-qwen2-vl", seed=0)
+app = create_app(Predictor(model, proc, "minimal", "rafdb-compound"))
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_three_attackers_with_flat_38mp_pngs_leave_the_server_up(tmp_path):
+    # 19.1, as measured: 3 concurrent batches of 64 flat 38-MP PNGs drove the demo server from 0.5 to 24 GB
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert httpx.post(url + "/v1/predict", files={"file": ("a.png", png(), "image/png")}).status_code == 200
+        before = _peak_rss_mb(server.pid)
+        buf = io.BytesIO()
+        Image.new("RGB", (7000, 5430), (120, 90, 80)).save(buf, "PNG")  # 38 MP, flat: compresses to ~110 KB
+        bomb = buf.getvalue()
+        files = [("files", (f"{i}.png", bomb, "image/png")) for i in range(64)]
+
+        def attack(_):
+            return httpx.post(url + "/v1/predict/batch", files=files, timeout=120)
+
+        with ThreadPoolExecutor(3) as ex:
+            answers = list(ex.map(attack, range(3)))
+        assert [r.status_code for r in answers] == [413] * 3, [r.text for r in answers]
+        assert "exceed this server's limit" in answers[0].json()["error"]
+        assert httpx.get(url + "/health", timeout=5).json() == {"status": "ok"}
+        growth = _peak_rss_mb(server.pid) - before
+        print(f"peak RSS {before:.0f} MB -> +{growth:.0f} MB under 3 x 64 flat 38-MP PNGs ({len(bomb)} B each)")
+        assert growth < 1024
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_video_jobs_are_capped_and_their_uploads_removed_on_every_path(predictor, tmp_path):
+    # 19.2: no cap on queued jobs (each holding a 200 MB upload); files left behind on refusals
+    import threading
+
+    path = _clip(tmp_path)
+    with TestClient(create_app(predictor, ServeSettings(max_video_jobs=1))) as c:
+        jobs = c.app.state.service.jobs
+        gate = threading.Event()
+        jobs.pool.submit(gate.wait)  # the job thread is busy: the next job stays queued
+        first = _post_video(c, path)
+        assert first.status_code == 202 and first.json()["status"] == "queued"
+        second = _post_video(c, path)
+        assert second.status_code == 429 and "1 video jobs are already queued or running" in second.json()["error"]
+        assert len(list(jobs.tmp.iterdir())) == 1  # the queued job's upload only
+        gate.set()
+        assert _finished(c, first.json()["status_url"])["status"] == "done"
+        assert list(jobs.tmp.iterdir()) == []  # removed when its job ended
+        third = _post_video(c, path)
+        assert third.status_code == 202  # room again
+        assert _finished(c, third.json()["status_url"])["status"] == "done"
+        bad = c.post("/v1/predict/video", files={"file": ("x.avi", b"not a video", "video/x-msvideo")})
+        assert bad.status_code == 400 and list(jobs.tmp.iterdir()) == []  # a refused upload leaves nothing
+
+
+def test_video_length_is_enforced_while_decoding_and_progress_reaches_one(predictor, tmp_path, monkeypatch):
+    # 19.2: streamed or fragmented files report 0 frames, so the header check let any length through
+    import cervl.serve.jobs as jobs_mod
+
+    path = _clip(tmp_path)  # 0.8 s at 10 frames/s
+    monkeypatch.setattr(jobs_mod, "probe", lambda p, s: (None, 10.0))  # what such a container reports
+    with TestClient(create_app(predictor, ServeSettings(max_video_seconds=0.5))) as c:
+        r = _post_video(c, path)
+        assert r.status_code == 202 and r.json().get("frames_total") is None
+        job = _finished(c, r.json()["status_url"])
+        assert job["status"] == "failed" and "longer than this server's limit (6 frames decoded)" in job["error"]
+        assert list(c.app.state.service.jobs.tmp.iterdir()) == []
+    monkeypatch.undo()
+    with TestClient(create_app(predictor, ServeSettings(video_every=3))) as c:  # frames 1, 4, 7 scored
+        job = _finished(c, _post_video(c, path).json()["status_url"])
+        assert job["status"] == "done" and len(job["rows"]) == 3
+        assert job["frames_done"] >= 7 and job["progress"] >= 7 / 8  # before: 3 of 8, stuck at 0.375

@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from PIL import Image
 
 from cervl.data.images import ImageError, to_rgb
-from cervl.serve.batcher import MicroBatcher, ModelWorker, SerialPredictor
-from cervl.serve.jobs import VideoJobs
+from cervl.serve.batcher import MicroBatcher, ModelWorker, PixelBudget, SerialPredictor
+from cervl.serve.jobs import JobsFull, VideoJobs
 from cervl.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,14 @@ class ServeSettings:
     max_body_bytes: int = 20 * 2**20
     max_video_bytes: int = 200 * 2**20
     max_pixels: int = 40_000_000  # decoded pixels per image (decompression bombs)
+    max_request_pixels: int = 80_000_000  # decoded pixels per request, all its images together
+    max_inflight_pixels: int = 160_000_000  # decoded pixels held by all requests at once (~0.5-0.7 GB as RGB)
+    busy_wait_s: float = 10.0  # how long a request waits for room in that budget before a 503
     max_batch_images: int = 64
     max_video_seconds: float = 600.0
     request_timeout_s: float = 60.0
     video_every: int = 1
+    max_video_jobs: int = 4  # queued or running at once; more get 429
 
 
 class HTTPError(Exception):
@@ -64,8 +68,9 @@ class HTTPError(Exception):
         self.status, self.message = status, message
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
-    """Bytes -> upright RGB; 4xx errors for empty, non-image, truncated, oversized or unusable images."""
+def open_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
+    """Bytes -> a PIL image whose header has been read and checked, no pixel decoded yet; 4xx errors for
+    empty, non-image or oversized images. :func:`decode_opened` decodes it."""
     if not data:
         raise HTTPError(400, f"{name}: empty body (0 bytes); send an image")
     try:
@@ -79,6 +84,11 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Ima
     w, h = im.size
     if w * h > max_pixels:  # checked on the header, before any pixel is decoded
         raise HTTPError(413, f"{name}: {w}x{h} = {w * h} pixels exceeds this server's limit of {max_pixels}")
+    return im
+
+
+def decode_opened(im: Image.Image, name: str = "image") -> Image.Image:
+    """An image from :func:`open_image` -> upright RGB; 400 for a truncated or unusable one."""
     try:
         return to_rgb(im, name)
     except ImageError as e:
@@ -133,9 +143,11 @@ class Service:
     def __init__(self, predictor, settings: ServeSettings, run_info: dict | None):
         self.predictor, self.settings, self.run_info = predictor, settings, run_info or {}
         self.metrics, self.worker = Metrics(), ModelWorker()
+        self.pixels = PixelBudget(settings.max_inflight_pixels, settings.busy_wait_s)
         self.batcher = MicroBatcher(predictor, self.worker, max_batch=settings.max_batch,
                                     max_wait_ms=settings.max_wait_ms, metrics=self.metrics)
-        self.jobs = VideoJobs(SerialPredictor(predictor, self.worker, self.metrics), every=settings.video_every)
+        self.jobs = VideoJobs(SerialPredictor(predictor, self.worker, self.metrics), every=settings.video_every,
+                              max_pending=settings.max_video_jobs)
         self.ready, self.aligner = False, None
         self.classes = list(predictor.label_set.classes)
 
@@ -202,16 +214,40 @@ class Service:
             self.batcher.arriving -= 1
 
     # --- reading requests ---------------------------------------------------------------------
-    async def read_images(self, request: Request, *, many: bool) -> tuple[list[Image.Image], dict]:
-        blobs, fields = await _request_blobs(request, many, self.settings.max_batch_images)
-        if not blobs:
-            raise HTTPError(400, "no image in the request (multipart field 'file'/'files')")
-        if len(blobs) > self.settings.max_batch_images:
-            raise HTTPError(413, f"{len(blobs)} images exceed the limit of {self.settings.max_batch_images} per request")
-        limit = self.settings.max_pixels
-        images = await asyncio.to_thread(lambda: [decode_image(b, limit, f"image {i}" if many else "image")
-                                                  for i, b in enumerate(blobs)])
-        return images, fields
+    @asynccontextmanager
+    async def decoded(self, request: Request, *, many: bool):
+        """``(images, align)`` of a request, decoded within the pixel budgets, which it holds until scored.
+
+        Every header is read and the request's total is checked before any pixel is decoded: a body of
+        64 flat 38-MP PNGs (~100 KB each) would otherwise decode to ~7 GB.
+        """
+        s = self.settings
+        async with self.arriving():
+            blobs, fields = await _request_blobs(request, many, s.max_batch_images)
+            if not blobs:
+                raise HTTPError(400, "no image in the request (multipart field 'file'/'files')")
+            if len(blobs) > s.max_batch_images:
+                raise HTTPError(413, f"{len(blobs)} images exceed the limit of {s.max_batch_images} per request")
+            names = [f"image {i}" if many else "image" for i in range(len(blobs))]
+            opened = await asyncio.to_thread(lambda: [open_image(b, s.max_pixels, n) for b, n in zip(blobs, names)])
+            total = sum(im.size[0] * im.size[1] for im in opened)
+            if total > s.max_request_pixels:
+                raise HTTPError(413, f"{len(opened)} images of {total} pixels in all exceed this server's limit of "
+                                     f"{s.max_request_pixels} decoded pixels per request; send fewer or smaller images")
+            align = self.align_flag(request, fields)
+            try:
+                held = await self.pixels.acquire(total)
+            except PixelBudget.Busy as e:
+                raise HTTPError(503, f"server busy ({e}); retry in a moment") from None
+            try:
+                images = await asyncio.to_thread(lambda: [decode_opened(im, n) for im, n in zip(opened, names)])
+            except BaseException:
+                await self.pixels.release(held)
+                raise
+        try:
+            yield images, align
+        finally:
+            await self.pixels.release(held)
 
     def align_flag(self, request: Request, fields: dict) -> bool:
         value = request.query_params.get("align", fields.get("align"))
@@ -226,35 +262,32 @@ class Service:
     # --- endpoints ----------------------------------------------------------------------------
     async def predict(self, request: Request):
         """Predict one image."""
-        async with self.arriving():
-            images, fields = await self.read_images(request, many=False)
-            align = self.align_flag(request, fields)
-        return await self.score_one(images[0], align)
+        async with self.decoded(request, many=False) as (images, align):
+            return await self.score_one(images[0], align)
 
     async def predict_batch(self, request: Request):
         """Predict several images."""
-        async with self.arriving():
-            images, fields = await self.read_images(request, many=True)
-            align = self.align_flag(request, fields)
-        return {"results": list(await asyncio.gather(*(self.score_one(im, align) for im in images)))}
+        async with self.decoded(request, many=True) as (images, align):
+            return {"results": list(await asyncio.gather(*(self.score_one(im, align) for im in images)))}
 
     async def predict_video(self, request: Request):
         """Start a video job; poll GET /v1/jobs/{id}."""
         ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype != "multipart/form-data":
             raise HTTPError(415, "send the video as multipart/form-data, field 'file'")
-        form = await request.form(max_files=1, max_fields=8)
-        upload = form.get("file")
-        if upload is None or not hasattr(upload, "read"):
-            raise HTTPError(400, "no video in the request (multipart field 'file')")
-        data = await upload.read()
-        if not data:
-            raise HTTPError(400, "empty video file")
         try:
-            job = await asyncio.to_thread(self.jobs.submit, data, getattr(upload, "filename", None) or "video",
+            self.jobs.check_room()  # before the upload is read
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("file")
+            if upload is None or not hasattr(upload, "read"):
+                raise HTTPError(400, "no video in the request (multipart field 'file')")
+            # copied from starlette's spooled file to the job's own, in chunks: never whole in memory
+            job = await asyncio.to_thread(self.jobs.submit, upload.file, getattr(upload, "filename", None) or "video",
                                           self.settings.max_video_seconds)
+        except JobsFull as e:
+            raise HTTPError(429, str(e)) from None
         except ValueError as e:
-            raise HTTPError(400 if "cannot" in str(e) else 413, str(e)) from None
+            raise HTTPError(413 if "exceeds" in str(e) else 400, str(e)) from None
         return JSONResponse({"job": job.id, "status": job.status, "status_url": f"/v1/jobs/{job.id}"},
                             status_code=202)
 
@@ -294,7 +327,8 @@ async def _request_blobs(request: Request, many: bool, max_files: int) -> tuple[
     if ctype == "multipart/form-data":
         form = await request.form(max_files=max_files, max_fields=16)
         uploads = form.getlist("files" if many else "file") or form.getlist("file") or form.getlist("files")
-        return [await u.read() for u in uploads if hasattr(u, "read")], {k: v for k, v in form.items()
+        uploads = [u for u in uploads if hasattr(u, "read")][: None if many else 1]  # only what is scored
+        return [await u.read() for u in uploads], {k: v for k, v in form.items()
                                                                           if isinstance(v, str)}
     if ctype == "application/json":
         key = "images" if many else "image_base64"

@@ -44,6 +44,43 @@ class SerialPredictor:
         return self.worker.submit(self.predictor.score, images, batch_size=batch_size, normalize=normalize).result()
 
 
+class PixelBudget:
+    """A server-wide budget of decoded image pixels in flight, so that concurrent requests cannot exhaust memory.
+
+    A request holds its images' pixels (read from the headers, before any decoding) from decoding until
+    its answer. Requests that do not fit wait, at most ``wait_s``; then they get a 503 (``BudgetBusy``).
+    """
+
+    class Busy(Exception):
+        pass
+
+    def __init__(self, total: int, wait_s: float = 10.0):
+        self.total, self.wait_s, self.used = total, wait_s, 0
+        self._cond: asyncio.Condition | None = None
+
+    @property
+    def cond(self) -> asyncio.Condition:
+        if self._cond is None:  # created inside the event loop that uses it
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def acquire(self, pixels: int) -> int:
+        """Take ``pixels`` (at most the whole budget); raises :class:`PixelBudget.Busy` after ``wait_s``."""
+        pixels = min(pixels, self.total)
+        async with self.cond:
+            try:
+                await asyncio.wait_for(self.cond.wait_for(lambda: self.used + pixels <= self.total), self.wait_s)
+            except asyncio.TimeoutError:
+                raise PixelBudget.Busy(f"{self.used} of {self.total} pixels are being decoded or scored") from None
+            self.used += pixels
+        return pixels
+
+    async def release(self, pixels: int) -> None:
+        async with self.cond:
+            self.used -= pixels
+            self.cond.notify_all()
+
+
 class MicroBatcher:
     """``await batcher.score(image)`` -> class probabilities, computed in a shared batch."""
 
@@ -58,7 +95,7 @@ class MicroBatcher:
         self.arriving = 0  # requests admitted but still being read/decoded: worth waiting for
 
     def start(self) -> None:
-        self.queue = asyncio.Queue()
+        self.queue = asyncio.Queue(maxsize=8 * self.max_batch)  # bounded: a full queue makes producers wait
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:

@@ -69,38 +69,66 @@ def summarize(rows: list[dict], classes: tuple) -> dict:
             "dominant": max(mean, key=mean.get) if mean else None, "mean_probs": mean}
 
 
-class VideoJobs:
-    """Runs video jobs one at a time in a background thread (their scoring shares the model thread)."""
+class JobsFull(Exception):
+    """Too many video jobs are queued or running (the server answers 429)."""
 
-    def __init__(self, predictor, *, every: int = 1, keep: int = 100):
-        self.predictor, self.every, self.keep = predictor, every, keep
+
+class VideoJobs:
+    """Runs video jobs one at a time in a background thread (their scoring shares the model thread).
+
+    At most ``max_pending`` jobs are queued or running; each holds its upload on disk, never in memory.
+    """
+
+    def __init__(self, predictor, *, every: int = 1, keep: int = 100, max_pending: int = 4):
+        self.predictor, self.every, self.keep, self.max_pending = predictor, every, keep, max_pending
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cervl-video")
         self.tmp = Path(tempfile.mkdtemp(prefix="cervl-serve-videos-"))
 
-    def submit(self, data: bytes, name: str, max_seconds: float) -> Job:
+    def pending(self) -> int:
+        with self.lock:
+            return sum(j.status in ("queued", "running") for j in self.jobs.values())
+
+    def check_room(self) -> None:
+        """Raise :class:`JobsFull` when no new job may start (checked before an upload is read, and again)."""
+        if self.pending() >= self.max_pending:
+            raise JobsFull(f"{self.max_pending} video jobs are already queued or running; retry when one is done")
+
+    def submit(self, src, name: str, max_seconds: float) -> Job:
+        """Start a job for the video in ``src`` (bytes or a binary file object, copied to disk in chunks)."""
         job = Job(uuid.uuid4().hex[:16], Path(name).name)
         path = self.tmp / f"{job.id}{Path(name).suffix.lower() or '.mp4'}"
-        path.write_bytes(data)
-        try:
-            job.frames_total = probe(path, max_seconds)
-        except ValueError:
+        try:  # the upload's file is removed on every path that does not hand it to a running job
+            with path.open("wb") as fh:
+                if isinstance(src, (bytes, bytearray)):
+                    fh.write(src)
+                else:
+                    shutil.copyfileobj(src, fh, 1 << 20)
+            if path.stat().st_size == 0:
+                raise ValueError("empty video file")
+            job.frames_total, fps = probe(path, max_seconds)
+            with self.lock:
+                if sum(j.status in ("queued", "running") for j in self.jobs.values()) >= self.max_pending:
+                    raise JobsFull(f"{self.max_pending} video jobs are already queued or running; retry when one "
+                                   f"is done")
+                self.jobs[job.id] = job
+                for old in sorted(self.jobs.values(), key=lambda j: j.created)[:-self.keep]:
+                    if old.status in ("done", "failed"):
+                        del self.jobs[old.id]
+            self.pool.submit(self._run, job, path, max_frames(fps, max_seconds))
+        except BaseException:
             path.unlink(missing_ok=True)
+            with self.lock:
+                self.jobs.pop(job.id, None)
             raise
-        with self.lock:
-            self.jobs[job.id] = job
-            for old in sorted(self.jobs.values(), key=lambda j: j.created)[:-self.keep]:
-                if old.status in ("done", "failed"):
-                    del self.jobs[old.id]
-        self.pool.submit(self._run, job, path)
         return job
 
     def get(self, job_id: str) -> Job | None:
         with self.lock:
             return self.jobs.get(job_id)
 
-    def _run(self, job: Job, path: Path) -> None:
+    def _run(self, job: Job, path: Path, frame_limit: int) -> None:
         from cervl.faces.detect import make_detector
         from cervl.faces.video import video_faces
         from cervl.predict.video import VideoScorer
@@ -109,8 +137,10 @@ class VideoJobs:
         try:
             scorer = VideoScorer(self.predictor, job.name, batch_size=16)
             for f in video_faces(path, make_detector("mtcnn"), every=self.every):
+                if f.frame > frame_limit:  # the container's length can be missing or wrong: count while decoding
+                    raise ValueError(f"{job.name}: longer than this server's limit ({frame_limit} frames decoded)")
                 scorer.add(f)
-                job.frames_done += 1
+                job.frames_done = f.frame  # frames of the video passed, so progress reaches 1 with every > 1 too
             rows = scorer.rows()
             classes = self.predictor.label_set.classes
             job.result = {"classes": list(classes), "rows": rows, "segments": segments(rows),
@@ -132,8 +162,15 @@ class VideoJobs:
         shutil.rmtree(self.tmp, ignore_errors=True)  # created by this server, for its uploads only
 
 
-def probe(path: Path, max_seconds: float) -> int:
-    """Frame count of a video file; ValueError if it cannot be opened or is longer than ``max_seconds``."""
+def max_frames(fps: float, max_seconds: float) -> int:
+    """How many frames ``max_seconds`` of video may hold (30 frames/s assumed when the file does not say)."""
+    return int(max_seconds * (fps if fps and fps > 0 else 30.0)) + 1
+
+
+def probe(path: Path, max_seconds: float) -> tuple[int | None, float]:
+    """``(frame count or None when the container does not say, fps)`` of a video file; ValueError if it
+    cannot be opened or its header says it is longer than ``max_seconds`` (the length is checked again
+    while decoding, since streamed or fragmented files report 0 or negative counts)."""
     import cv2
 
     cap = cv2.VideoCapture(str(path))
@@ -147,6 +184,6 @@ def probe(path: Path, max_seconds: float) -> int:
             raise ValueError(f"{path.name}: cannot decode any frame (corrupt file or unsupported codec)")
     finally:
         cap.release()
-    if frames and frames / fps > max_seconds:
+    if frames > 0 and frames / fps > max_seconds:
         raise ValueError(f"{path.name}: {frames / fps:.0f} s of video exceeds this server's limit of {max_seconds:g} s")
-    return frames
+    return (frames if frames > 0 else None), fps
