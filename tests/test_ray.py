@@ -282,3 +282,32 @@ def test_parquet_parts_get_the_umask_mode_not_0600(tmp_path):
 
 def stat_mode(path):
     return path.stat().st_mode & 0o777
+
+
+def test_the_driver_joins_200k_rows_without_holding_them(tmp_path):
+    # 19.9: ray_predict read every shard back into dicts and built the JSONL output as one string
+    import tracemalloc
+
+    from cervl.scale.shards import ShardStore
+
+    store = ShardStore(tmp_path / "out.jsonl", "jsonl", "fp")
+    keys = [f"a-{i:05d}" for i in range(100)]
+    for s, key in enumerate(keys):
+        store.write(key, [{"id": f"{s}-{i}", "pred": "Sadly Angry", "label": None, "error": None}
+                          for i in range(2000)])
+    seen = 0
+
+    def counted():
+        nonlocal seen
+        for r in store.rows(keys):
+            seen += 1
+            yield r
+
+    tracemalloc.start()
+    store.finish(keys, {"label_set": "rafdb-compound"}, counted())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert seen == len(lines) == 200_000 and lines[-1].startswith('{"id": "99-1999"')
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"  # one shard of 2,000 rows, not 200,000
+    assert not (tmp_path / "out.jsonl.parts").exists()

@@ -55,6 +55,22 @@ def test_fsdp_two_processes_staged_recipe_equals_one_process(tmp_path, manifests
         assert w1[k].shape == w2[k].shape and torch.allclose(w1[k], w2[k], atol=5e-5), k
 
 
+def test_fsdp_with_trained_tied_embeddings_is_refused_before_anything_is_written(tmp_path, manifests):  # noqa: F811
+    # 19.3: the quickstart recipe (embeddings: full) under sharding=fsdp failed at step 1 on both ranks with
+    # "aten._foreach_norm.Scalar got mixed torch.Tensor and DTensor", after the run folder was created
+    two = recipe(tmp_path / "two", manifests, batch=2, sharding="fsdp", stages=2, steps=2, checkpoint_every=0)
+    import yaml
+
+    assert yaml.safe_load(two.read_text())["stages"][0]["lora"]["embeddings"] == "full"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "cervl.cli"]
+    res = cervl("train", two, "--no-progress", launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: stage 0")]
+    assert len(errors) == 2 and "stages.0.lora.embeddings=frozen" in errors[0], res.stderr[-3000:]
+    assert "DTensor" not in res.stderr and not (tmp_path / "two" / "run").exists()
+
+
 def test_zero3_with_lora_merges_is_refused(monkeypatch):
     from types import SimpleNamespace
 

@@ -98,6 +98,31 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, manifests):
         assert torch.equal(a[k], b[k]), k
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cervl.cli"]
+
+
+@pytest.mark.slow
+def test_two_process_resume_after_kill_is_bit_identical(tmp_path, manifests):
+    # 19.7: checkpoints held rank 0's RNG only and every rank restored it; each rank now has its own stream
+    # (dropout 0.05 draws different masks on the two ranks), saved and restored per rank
+    env = {"OMP_NUM_THREADS": "1"}
+    full = recipe(tmp_path / "a", manifests, stages=1, steps=6, batch=2)
+    res = cervl("train", full, "--no-progress", launcher=TORCHRUN, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    killed = recipe(tmp_path / "b", manifests, stages=1, steps=6, batch=2)
+    res = cervl("train", killed, "--no-progress", launcher=TORCHRUN, env={**env, "CERVL_TEST_KILL_AT_STEP": "4"})
+    assert res.returncode != 0
+    ckpt = tmp_path / "b" / "run" / "stages" / "00-compound" / "checkpoint"
+    rng = load_file(ckpt / "rng.safetensors")
+    assert sorted(rng) == ["rank0.torch", "rank1.torch"] and not torch.equal(rng["rank0.torch"], rng["rank1.torch"])
+    res = cervl("train", killed, "--no-progress", launcher=TORCHRUN, env=env)
+    assert res.returncode == 0 and "at step 4/6" in res.stderr, res.stderr[-3000:]
+    a, b = adapter(tmp_path / "a" / "run", "compound"), adapter(tmp_path / "b" / "run", "compound")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_same_global_batch(tmp_path, manifests):
     one = recipe(tmp_path / "one", manifests, stages=1, steps=3, dropout=0.0, batch=4)

@@ -42,9 +42,21 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random-number states: the CPU generator, and the current GPU's when there is one."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
 def save_checkpoint(stage_dir: Path, *, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict) -> Path:
-    """Write ``stage_dir/checkpoint`` atomically (tmp dir, then rename over the old one)."""
+                    state: dict, rng: list[dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``stage_dir/checkpoint`` atomically (tmp dir, then rename over the old one).
+
+    ``rng``: every process's :func:`rng_state`, in rank order (default: this process's alone), so that each
+    rank of a multi-process run resumes with its own stream.
+    """
     final = stage_dir / CKPT
     tmp = stage_dir / f".{CKPT}.tmp"
     old = stage_dir / f".{CKPT}.old"
@@ -53,10 +65,9 @@ def save_checkpoint(stage_dir: Path, *, trainable: dict[str, torch.Tensor], opti
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     opt_tensors, opt_meta = optimizer_to_files(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
+    ranks = rng if rng is not None else [rng_state()]
+    save_file({f"rank{r}.{k}": v.contiguous() for r, st in enumerate(ranks) for k, v in st.items()},
+              tmp / "rng.safetensors")
     meta = {"state": state, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
     for p in tmp.iterdir():  # make the files durable before the rename makes them visible
@@ -85,8 +96,8 @@ def find_checkpoint(stage_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the saved training state."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and ``rank``'s RNG; return the saved training state."""
     meta = json.loads((path / "state.json").read_text())
     trainable = load_file(path / "trainable.safetensors")
     missing = set(trainable) - {n for n, _ in model.named_parameters()}
@@ -98,8 +109,23 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
             params[name].copy_(tensor)
     optimizer_from_files(optimizer, load_file(path / "optimizer.safetensors"), meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+    restore_rng(load_file(path / "rng.safetensors"), rank)
     return meta["state"]
+
+
+def restore_rng(saved: dict[str, torch.Tensor], rank: int) -> None:
+    """Set this process's generators from a checkpoint's ``rng.safetensors`` (``rank{r}.*`` keys; checkpoints
+    from before per-rank states hold rank 0's ``torch`` and ``cuda{i}`` for every GPU it saw)."""
+    mine = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(f"rank{rank}.")}
+    if not mine and any(k.startswith("rank") for k in saved):
+        raise ValueError(f"the checkpoint holds no random state for process {rank}: it was written by fewer processes")
+    if mine:
+        torch.set_rng_state(mine["torch"])
+        if torch.cuda.is_available() and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"])
+        return
+    torch.set_rng_state(saved["torch"])  # the older format
+    if torch.cuda.is_available():  # as many GPUs as both the save and this machine have (no KeyError)
+        saved_gpus = sum(1 for k in saved if k.startswith("cuda"))
+        for i in range(min(saved_gpus, torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[f"cuda{i}"], i)

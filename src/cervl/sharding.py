@@ -61,6 +61,26 @@ def refuse_unmergeable(cfg, accelerator) -> None:
                         "with torchrun), which cervl gathers for the merge, or ZeRO-2")
 
 
+def refuse_unshardable(cfg, accelerator) -> None:
+    """Stop before anything is written when a sharded run would train the output head or the embeddings.
+
+    :func:`shard_model` shards the multimodal core only; the LM head stays a plain full parameter. A stage
+    that trains the embeddings (``lora.embeddings: full``, or ``method: full``) would give the optimiser a
+    sharded embedding beside a plain head: gradient clipping fails on the mix
+    (``aten._foreach_norm.Scalar got mixed torch.Tensor and DTensor``), and where they are tied (Qwen2-VL-2B,
+    Qwen2.5-VL-3B) re-tying at the end would throw the head's updates away.
+    """
+    if not wants_sharding(cfg, accelerator):
+        return
+    for i, st in enumerate(cfg.stages):
+        if st.method == "full" or st.lora.embeddings == "full":
+            what = "method: full" if st.method == "full" else "lora.embeddings: full"
+            raise UserError(f"stage {i} ({st.name!r}) trains the token embeddings and the output head ({what}), which "
+                            f"sharding: fsdp does not shard together (the head stays whole, the embeddings are "
+                            f"sharded; in tied models they are one matrix). Train that stage without sharding "
+                            f"(sharding=none), or with stages.{i}.lora.embeddings=frozen and method: lora")
+
+
 def shard_model(model):
     """FSDP2 in place: each decoder layer and vision block, then the multimodal core around them.
 

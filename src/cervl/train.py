@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cervl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from cervl.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from cervl.config import RunConfig, StageConfig, to_dict
 from cervl.data.images import check_images, image_size, load_rgb
 from cervl.data.mixture import Mixture, Sample, load_samples
@@ -38,7 +38,7 @@ from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build
                           load_model, lora_target_regex, merge_lora, save_model)
 from cervl.objective import AnswerObjective, VisionCache, file_hash
 from cervl.predict.predictor import Predictor
-from cervl.sharding import (Skeleton, gather_unsharded, refuse_unmergeable, shard_model,
+from cervl.sharding import (Skeleton, gather_unsharded, refuse_unmergeable, refuse_unshardable, shard_model,
                             sync_replicated_grads, wants_sharding)
 from cervl.run import (EXTRA, RunLock, RunMeta, apply_stage, base_entry, base_weights, check_config, claim_run_dir,
                        relative, remove_checkpoints, save_final, stage_dir, write_json)
@@ -60,6 +60,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     refuse_unmergeable(cfg, accelerator)  # ZeRO-3 + LoRA merges: stop now, not after hours of training
+    refuse_unshardable(cfg, accelerator)  # FSDP with trained embeddings/head: stop before the run folder exists
     run_dir = Path(cfg.output_dir)
     # --- checks: everything a user can get wrong fails here, before a model loads or a file is written.
     bad = check_data(cfg, progress=progress and accelerator.is_main_process)
@@ -278,6 +279,8 @@ class StageTrainer:
         self.prompt = prompt_text(self.processor, stage.style, stage.labels)  # rendered once per stage
         self.hashes: dict = {}
         self.model = prepare_trainable(self.model, stage)
+        if self.rank:  # each process its own dropout stream (rank 0 keeps the one-process stream)
+            torch.manual_seed(stage.seed * 1009 + self.rank)
         self.sharded = wants_sharding(self.cfg, acc)
         if self.sharded:  # FSDP2 in place; the skeleton lets finish() rebuild full weights for the merge
             self.skeleton = Skeleton(self.model)
@@ -335,7 +338,8 @@ class StageTrainer:
         ckpt = find_checkpoint(self.dir)
         if ckpt is None:
             return 0
-        state = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                rank=self.rank)
         expected = {"total_steps": self.total_steps, "prompt": self.stage.style.name,
                     "label_set": self.stage.labels.name}
         changed = {k: (state.get(k), v) for k, v in expected.items() if k in state and state[k] != v}
@@ -439,10 +443,14 @@ class StageTrainer:
                 self.ddp_model.train()
             self.acc.wait_for_everyone()
         if self.cfg.checkpoint_every and done % self.cfg.checkpoint_every == 0 and done < self.total_steps:
+            rng = [rng_state()]
+            if self.world > 1:  # every rank's own stream goes into rank 0's checkpoint
+                rng = [None] * self.world
+                torch.distributed.all_gather_object(rng, rng_state())
             if self.main:
                 named = dict(self.model.named_parameters())
                 save_checkpoint(self.dir, trainable={n: named[n] for n in self.trainable_names},
-                                optimizer=self.optimizer, scheduler=self.scheduler,
+                                optimizer=self.optimizer, scheduler=self.scheduler, rng=rng,
                                 state={"step": done, "total_steps": self.total_steps, "prompt": stage.style.name,
                                        "label_set": stage.labels.name})
             self.acc.wait_for_everyone()

@@ -174,6 +174,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
     A crash or an error mid-way leaves any previous file intact.
     """
+    atomic_write_lines(path, [text])
+
+
+def atomic_write_lines(path: str | os.PathLike, chunks: Iterable[str]) -> None:
+    """:func:`atomic_write_text` for text given piece by piece (memory does not grow with the file)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(21, "is a folder, not a file", str(path))
@@ -183,7 +188,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         # mkstemp creates 0600: keep the mode of the file being replaced, or give a new file the umask's
         os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

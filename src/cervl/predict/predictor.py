@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from cervl.data.base import IMAGE_SUFFIXES
 from cervl.data.images import load_rgb
-from cervl.data.manifest import atomic_write_text, read_manifest
+from cervl.data.manifest import atomic_write_lines, atomic_write_text, read_manifest
 from cervl.errors import InputNotFound, InvalidInput
 from cervl.labels import LabelSet, get_label_set
 from cervl.predict.generate import generate_answers, parse_answer
@@ -116,12 +117,15 @@ def apply_alignment(item: Item, res) -> Item:
     return item
 
 
-def write_predictions(path: str | Path, rows: list[dict], meta: dict) -> None:
-    """Atomically write prediction rows as JSON Lines, plus ``PATH.meta.json`` (strict JSON: no NaN)."""
+def write_predictions(path: str | Path, rows: Iterable[dict], meta: dict) -> None:
+    """Atomically write prediction rows as JSON Lines, plus ``PATH.meta.json`` (strict JSON: no NaN).
+
+    ``rows`` may be a generator: they are written one by one, never joined in memory.
+    """
     path = Path(path)
     if path.is_dir():
         raise InvalidInput(f"-o {path} is a folder; give a file name such as {path / 'predictions.jsonl'}")
-    atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+    atomic_write_lines(path, (json.dumps(r, allow_nan=False) + "\n" for r in rows))
     atomic_write_text(Path(str(path) + ".meta.json"), json.dumps(meta, indent=2, allow_nan=False) + "\n")
 
 

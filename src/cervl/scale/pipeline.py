@@ -169,10 +169,18 @@ def ray_predict(job: PredictJob, out: str | Path, options: RayOptions, *, fmt: s
     size = shard_size(options.shard_size, job.batch_size, 8)
     store = ShardStore(out, fmt, job.fingerprint(size, fmt))
     keys, summary = _execute(job, store, options, size)
-    rows = [r for k in keys for r in store.read(k)]
-    summary.rows, summary.errors = len(rows), sum(1 for r in rows if r.get("error"))
-    summary.failed = [r["image"] for r in rows if r.get("error") and "frame" not in r and r.get("video") is not None]
-    store.finish(keys, {**(meta or {}), "engine": "ray", "mode": job.mode, "normalize": job.normalize}, rows)
+    summary.rows = summary.errors = 0
+
+    def counted():  # the join streams shard by shard: the driver never holds all rows
+        for r in store.rows(keys):
+            summary.rows += 1
+            if r.get("error"):
+                summary.errors += 1
+                if "frame" not in r and r.get("video") is not None:
+                    summary.failed.append(r["image"])
+            yield r
+
+    store.finish(keys, {**(meta or {}), "engine": "ray", "mode": job.mode, "normalize": job.normalize}, counted())
     summary.seconds = time.perf_counter() - t0
     return summary
 

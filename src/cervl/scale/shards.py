@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from cervl.data.manifest import atomic_write_text, new_file_mode
@@ -104,19 +105,30 @@ class ShardStore:
             return pq.read_table(path).to_pylist()
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
-    def finish(self, keys: list[str], meta: dict, rows: list[dict] | None = None) -> Path:
-        """Turn the shards into the output, in ``keys`` order (which must all be written); ``rows``: the
-        shards' rows when the caller has already read them."""
+    def rows(self, keys: list[str]) -> Iterator[dict]:
+        """The rows of the shards ``keys``, in order, one shard in memory at a time."""
+        for k in keys:
+            yield from self.read(k)
+
+    def finish(self, keys: list[str], meta: dict, rows: Iterable[dict] | None = None) -> Path:
+        """Turn the shards into the output, in ``keys`` order (which must all be written).
+
+        ``rows``: :meth:`rows` of ``keys``, possibly wrapped by the caller (to count them); they are
+        streamed into the JSONL output, so the driver's memory does not grow with the row count.
+        """
         missing = [k for k in keys if not self._path(k).exists()]
         if missing:
             raise RuntimeError(f"shards missing at the end of the run: {missing[:5]}")
+        rows = self.rows(keys) if rows is None else rows
         if self.fmt == "parquet":
+            for _ in rows:  # the parts are the output; the caller's wrapper still sees every row
+                pass
             # the marker stays: a re-run with the same inputs finds every shard done and changes nothing
             atomic_write_text(self.dir / "_cervl.json", json.dumps({**meta, "shards": len(keys)}, indent=2) + "\n")
             return self.out
         from cervl.predict.predictor import write_predictions
 
-        write_predictions(self.out, rows if rows is not None else [r for k in keys for r in self.read(k)], meta)
+        write_predictions(self.out, rows, meta)
         self.cleanup(keys)
         return self.out
 
