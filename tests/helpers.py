@@ -18,3 +18,11 @@ def train_quick(base: Path, manifest: Path, model: str = "tiny-qwen2-vl") -> Pat
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     return base / "run"
+
+
+def widen_pixels(processor, low: int = 32 * 32, high: int = 112 * 112) -> None:
+    """Let the processor keep each image's own size between ``low`` and ``high`` pixels, so that images of
+    different sizes get different visual-token counts (the tiny presets fix min = max)."""
+    ip = processor.image_processor
+    ip.min_pixels, ip.max_pixels = low, high
+    ip.size = {"shortest_edge": low, "longest_edge": high}

@@ -1,6 +1,7 @@
 """Benchmarks that must not rot: the GPU script's --smoke mode runs the same code on CPU in seconds."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,12 @@ def test_gpu_benchmark_smoke(tmp_path):
     out = json.loads((tmp_path / "gpu.json").read_text())
     tiny = out["tiny"]
     assert tiny["samples_per_s"] > 0 and tiny["score_img_s"] > 0 and tiny["generate_img_s"] > 0
-    assert tiny["prefix"] >= 16 and tiny["seq_len"] > tiny["prefix"] and tiny["paper_recipe_hours"] > 0
+    assert tiny["prefix"] >= 16 and tiny["seq_len"] > tiny["prefix"]
+    # the derived figures follow from the measured ones (a wrong formula fails here, not just a zero)
+    assert math.isclose(tiny["samples_per_s"] * tiny["step_s"], 4, rel_tol=1e-9)  # batch 4 in --smoke
+    assert math.isclose(tiny["paper_recipe_hours"], 277_040 / tiny["samples_per_s"] / 3600, rel_tol=1e-9)
+    assert math.isclose(tiny["tflops"] * 1e12, tiny["mfu"] * 989e12, rel_tol=1e-6)
+    assert math.isfinite(tiny["loss"]) and tiny["loss"] > 0  # a summed cross-entropy
 
 
 def test_readme_figures_come_from_the_run_and_name_the_cpu(tmp_path):

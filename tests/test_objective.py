@@ -14,13 +14,16 @@ from PIL import Image
 from cervl.encode import IGNORE, collate, encode_sample, prompt_text
 from cervl.labels import get_label_set
 from cervl.models import ACCEPTS_ENCODER_OUTPUTS, TINY_PRESETS, apply_lora, build_tiny, lora_target_regex
-from cervl.objective import MIN_SHARED_PREFIX, AnswerObjective, VisionCache
+from cervl.objective import MIN_SHARED_PREFIX, AnswerObjective, VisionCache, core_and_head
 from cervl.prompts import get_prompt_style
+from helpers import widen_pixels
 
 
 def _images(n, size=(112, 112), seed=0):
+    """``n`` random images of ``size``, or of each size in a list of sizes."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+    sizes = size if isinstance(size, list) else [size] * n
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes[:n]]
 
 
 def _batch(model, proc, answers, size=(112, 112)):
@@ -102,6 +105,31 @@ def _check_levers(model, proc, answers, size=(112, 112)):
 @pytest.mark.parametrize("preset", sorted(TINY_PRESETS))
 def test_levers_are_exact_on_tiny_models(preset):
     model, proc = build_tiny(preset, seed=1)
+    _check_levers(_lora(model), proc, ["Sadly Angry", "Happily Surprised", "Fearfully Angry"])
+
+
+MIXED = [(112, 112), (48, 64), (80, 48)]  # 49, 12 and 15 visual tokens after the 2x2 merge (patch 8)
+
+
+@pytest.mark.parametrize("preset", sorted(TINY_PRESETS))
+def test_levers_are_exact_with_different_visual_token_counts(preset):
+    # 19.11: the tiny processors fix min = max pixels, so every image used to have the same token count
+    model, proc = build_tiny(preset, seed=1)
+    widen_pixels(proc)
+    batch, _ = _batch(model, proc, ["Sadly Angry", "Happily Surprised", "Fearfully Angry"], MIXED)
+    tokens = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    assert len(set(tokens)) == 3, tokens
+    _check_levers(_lora(model), proc, ["Sadly Angry", "Happily Surprised", "Fearfully Angry"], MIXED)
+
+
+def test_levers_are_exact_with_qwen3_deepstack_features():
+    # 19.11: the vision cache stores deepstack features ("d0", "d1") only when the indexes are non-empty
+    model, proc = build_tiny("tiny-qwen3-vl", seed=1, deepstack=(1, 2))
+    assert list(model.config.vision_config.deepstack_visual_indexes) == [1, 2]
+    cache = VisionCache(model, proc, None, 64)
+    batch, _ = _batch(model, proc, ["Sadly Angry", "Happily Surprised"])
+    cache.features(core_and_head(model)[0], batch["pixel_values"], batch["image_grid_thw"], ["x", "y"])
+    assert sorted(cache.get(cache.key("x"))) == ["d0", "d1", "f"]
     _check_levers(_lora(model), proc, ["Sadly Angry", "Happily Surprised", "Fearfully Angry"])
 
 

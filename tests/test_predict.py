@@ -6,9 +6,11 @@ import pytest
 from PIL import Image
 
 from cervl.labels import get_label_set
-from cervl.models import build_tiny
+from cervl.models import TINY_PRESETS, build_tiny
 from cervl.predict import Item, LabelScorer, Predictor, generate_answers, score_labels_bruteforce
+from cervl.predict.generate import parse_answer
 from cervl.prompts import get_prompt_style
+from helpers import widen_pixels
 
 
 def _imgs(n, seed=0):
@@ -30,6 +32,20 @@ def test_cached_scoring_equals_bruteforce_tiny_tokenizer(tiny, style):
     slow = score_labels_bruteforce(model, proc, st, ls, imgs, batch_size=2)
     assert np.allclose(fast.sum(1), 1.0, atol=1e-6)
     assert np.abs(fast - slow).max() < 1e-5
+
+
+@pytest.mark.parametrize("preset", sorted(TINY_PRESETS))
+def test_scoring_equals_bruteforce_on_every_family_with_mixed_image_sizes(preset):
+    # 19.11: Qwen3-VL had no scoring check, and every test image had the same visual-token count
+    model, proc = build_tiny(preset, seed=2, **({"deepstack": (1, 2)} if preset == "tiny-qwen3-vl" else {}))
+    widen_pixels(proc)
+    rng = np.random.default_rng(3)
+    imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in
+            [(112, 112), (48, 64), (80, 48), (64, 96)]]
+    ls, st = get_label_set("rafdb-compound"), get_prompt_style("context")
+    fast = LabelScorer(model, proc, st, ls)(imgs, batch_size=4)
+    slow = score_labels_bruteforce(model, proc, st, ls, imgs, batch_size=1)
+    assert np.allclose(fast.sum(1), 1.0, atol=1e-6) and np.abs(fast - slow).max() < 1e-5
 
 
 def test_mean_normalisation_differs_from_sum_and_sums_to_one(tiny):
@@ -74,4 +90,7 @@ def test_predictor_rows_and_bad_image(tiny, tmp_path):
     assert rows[0]["pred"] in get_label_set("rafdb-compound") and abs(sum(rows[0]["probs"].values()) - 1) < 1e-5
     assert rows[1]["pred"] is None and "error" in rows[1]
     gen = list(pred.predict([Item("a", good)], mode="generate", progress=False))
-    assert "raw" in gen[0] and (gen[0]["pred"] is None or gen[0]["pred"] in get_label_set("rafdb-compound"))
+    # the row carries the model's own greedy answer and exactly what the parser makes of it
+    raw = generate_answers(model, proc, get_prompt_style("minimal"), get_label_set("rafdb-compound"),
+                           [Image.open(good).convert("RGB")])[0]
+    assert gen[0]["raw"] == raw and gen[0]["pred"] == parse_answer(raw, "rafdb-compound")

@@ -256,9 +256,11 @@ def test_parquet_output_shipped_run_and_a_changed_resume_is_refused(demo, tmp_pa
     assert [r["id"] for r in table] == [r["id"] for r in local]
     assert [r["pred"] for r in table] == [r["pred"] for r in local]
     assert all(np.allclose(list(a["probs"].values()), list(b["probs"].values())) for a, b in zip(table, local))
-    res = cervl("predict", "--run", demo / "run", "--manifest", man, "-o", tmp_path / "pq", "--engine", "ray",
-                "--format", "parquet", "--normalize", "mean", address=cluster)
-    assert res.returncode == 2 and "other inputs or settings" in res.stderr
+    same = ["predict", "--run", demo / "run", "--manifest", man, "-o", tmp_path / "pq", "--engine", "ray",
+            "--format", "parquet", "--shard-size", "8", "--ship-run"]
+    for change in (["--normalize", "mean"], ["--batch-size", "4"]):  # one setting changed at a time
+        res = cervl(*same, *change, address=cluster)
+        assert res.returncode == 2 and "other inputs or settings" in res.stderr, (change, res.stderr[-2000:])
 
 
 def test_without_ray_the_error_says_how_to_install(demo, tmp_path):

@@ -86,7 +86,7 @@ def test_older_run_folder_with_absolute_and_cwd_relative_paths_loads(runs, tmp_p
     np.testing.assert_array_equal(a, b)
 
 
-def test_from_adapter_applies_the_trained_embeddings_and_equals_final(runs):
+def test_from_adapter_applies_the_trained_embeddings_and_equals_final(runs, tmp_path):
     from cervl.predict import Predictor
 
     run = runs / "merged"
@@ -96,7 +96,12 @@ def test_from_adapter_applies_the_trained_embeddings_and_equals_final(runs):
                                      prompt="minimal", label_set="rafdb-compound", dtype="fp32").score(images)
     np.testing.assert_allclose(adapter, merged, atol=1e-6)
     # without the trained embeddings (what from_adapter did before) the model is a different one
-    assert (run / "stages" / "00-compound" / "adapter" / "extra_trainables.safetensors").is_file()
+    lora_only = tmp_path / "adapter"
+    shutil.copytree(run / "stages" / "00-compound" / "adapter", lora_only)
+    (lora_only / "extra_trainables.safetensors").unlink()
+    without = Predictor.from_adapter(str(run / "base"), str(lora_only), prompt="minimal", label_set="rafdb-compound",
+                                     dtype="fp32").score(images)
+    assert np.abs(without - merged).max() > 1e-3
 
 
 def test_final_replacement_refuses_foreign_files(runs, tmp_path):

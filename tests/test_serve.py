@@ -223,7 +223,8 @@ def test_concurrent_requests_share_model_calls_and_match_unbatched(predictor):
         with ThreadPoolExecutor(16) as pool:
             rows = list(pool.map(post, images))
         calls = app.state.metrics.model_calls - before
-    assert calls < 16, calls
+    # a lone first request is answered at once; the 15 that queue behind it share one or two model calls
+    assert calls <= 4, calls
     single = np.stack([predictor.score([Image.open(io.BytesIO(b)).convert("RGB")])[0] for b in images])
     got = np.array([[r["probs"][c] for c in predictor.label_set.classes] for r in rows])
     np.testing.assert_allclose(got, single, atol=2e-6)  # responses carry 6 decimals
@@ -449,3 +450,25 @@ def test_video_length_is_enforced_while_decoding_and_progress_reaches_one(predic
         job = _finished(c, _post_video(c, path).json()["status_url"])
         assert job["status"] == "done" and len(job["rows"]) == 3
         assert job["frames_done"] >= 7 and job["progress"] >= 7 / 8  # before: 3 of 8, stuck at 0.375
+
+
+class SlowPredictor:
+    """A predictor whose every model call takes ``delay`` seconds (a stuck GPU, a huge batch)."""
+
+    def __init__(self, predictor, delay: float):
+        self.inner, self.delay = predictor, delay
+        self.label_set, self.style = predictor.label_set, predictor.style
+
+    def score(self, images, **kw):
+        time.sleep(self.delay)
+        return self.inner.score(images, **kw)
+
+
+def test_timeout_is_a_504_and_too_many_batch_images_a_413(predictor):
+    # 19.11: neither path had a test
+    with TestClient(create_app(SlowPredictor(predictor, 1.0), ServeSettings(request_timeout_s=0.2))) as c:
+        r = c.post("/v1/predict", files={"file": ("a.png", png(), "image/png")})
+        assert r.status_code == 504 and r.json() == {"error": "the model did not answer within 0.2 s"}
+    with TestClient(create_app(predictor, ServeSettings(max_batch_images=2))) as c:
+        r = c.post("/v1/predict/batch", files=[("files", (f"{i}.png", png(), "image/png")) for i in range(3)])
+        assert r.status_code == 413 and r.json() == {"error": "3 images exceed the limit of 2 per request"}

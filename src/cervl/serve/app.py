@@ -325,7 +325,13 @@ async def _request_blobs(request: Request, many: bool, max_files: int) -> tuple[
     """The image bytes of a request: multipart (``file``/``files``), JSON base64, or a raw image body."""
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_files, max_fields=16)
+        try:  # one file over the limit is parsed, so that the refusal can say how many came
+            form = await request.form(max_files=max_files + 1, max_fields=16)
+        except StarletteHTTPException as e:
+            if "Too many files" in str(e.detail):
+                raise HTTPError(413, f"more than {max_files + 1} images exceed the limit of {max_files} per "
+                                     f"request") from None
+            raise
         uploads = form.getlist("files" if many else "file") or form.getlist("file") or form.getlist("files")
         uploads = [u for u in uploads if hasattr(u, "read")][: None if many else 1]  # only what is scored
         return [await u.read() for u in uploads], {k: v for k, v in form.items()
