@@ -269,7 +269,8 @@ def _run_serve(args) -> int:
                         f"or pass --insecure-no-auth")
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, align=args.align, api_key=key,
                              max_body_bytes=args.max_body_mb * 2**20, max_video_seconds=args.max_video_seconds,
-                             request_timeout_s=args.timeout)
+                             request_timeout_s=args.timeout, max_request_pixels=int(args.max_request_mp * 1e6),
+                             max_inflight_pixels=int(args.max_inflight_mp * 1e6), max_video_jobs=args.max_video_jobs)
     predictor = Predictor.from_run(args.run)
     print(f"serving {args.run} on http://{args.host}:{args.port} (page: /, API docs: /docs)")
     serve(predictor, host=args.host, port=args.port, settings=settings, run_info=run_summary(args.run),

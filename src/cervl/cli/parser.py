@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=int, default=20, help="largest image request body (MB)")
     p.add_argument("--max-video-seconds", type=float, default=600.0, help="longest uploaded video")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request model timeout (s)")
+    p.add_argument("--max-request-mp", type=float, default=80.0,
+                   help="decoded megapixels per request, all its images together (checked on the headers)")
+    p.add_argument("--max-inflight-mp", type=float, default=160.0, help="decoded megapixels held by all requests "
+                   "at once; a request that does not fit waits up to 10 s, then gets 503")
+    p.add_argument("--max-video-jobs", type=int, default=4, help="video jobs queued or running at once (then 429)")
 
     p = add("labels", help="list label sets, or show one as JSON")
     p.add_argument("name", nargs="?", help="a label set name (default: list them)")
