@@ -139,3 +139,24 @@ def test_a_bad_file_shows_an_error_in_the_page(page, tmp_path):
     assert page.is_visible("#banner") and "not an image" in page.inner_text("#banner") or \
         "cannot decode" in page.inner_text("#banner")
     shot(page, tmp_path, "error")
+
+
+def test_api_docs_render_with_no_network(browser, server, tmp_path):
+    # issue 20: /docs loaded Swagger UI from a CDN and was blank offline; every request off 127.0.0.1 is blocked
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    outside = []
+
+    def only_local(route):
+        if route.request.url.startswith(server):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    pg.route("**/*", only_local)
+    pg.goto(server + "/docs")
+    pg.wait_for_selector(".opblock-summary-path", timeout=20000)  # the operations, rendered from /openapi.json
+    paths = pg.locator(".opblock-summary-path").all_inner_texts()
+    shot(pg, tmp_path, "docs")
+    ctx.close()
+    assert outside == [] and "/v1/predict" in paths and "/v1/predict/batch" in paths

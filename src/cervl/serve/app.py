@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from PIL import Image
@@ -315,7 +316,7 @@ class Service:
         return {"status": "ready", "label_set": self.predictor.label_set.name}
 
     async def prometheus(self):
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     async def page(self):
         return FileResponse(STATIC / "index.html")
@@ -377,8 +378,10 @@ def create_app(predictor, settings: ServeSettings | None = None, *, run_info: di
     """The FastAPI app around a :class:`cervl.predict.Predictor` (model calls in one worker thread)."""
     settings = settings or ServeSettings()
     svc = Service(predictor, settings, run_info)
-    app = FastAPI(title="cervl", version="1", lifespan=svc.lifespan,
-                  description="Compound expression recognition with a fine-tuned Qwen-VL: exact class probabilities.")
+    # /docs serves Swagger UI from the fastapi-offline package, not a CDN: it renders with no network
+    app = FastAPIOffline(title="cervl", version="1", lifespan=svc.lifespan, redoc_url=None,
+                         description="Compound expression recognition with a fine-tuned Qwen-VL: exact class "
+                                     "probabilities.")
     app.state.service, app.state.metrics = svc, svc.metrics
     app.add_exception_handler(HTTPError, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
