@@ -19,6 +19,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faces.py [--frames 300] [--no
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +31,10 @@ from skimage import data
 
 from cervl.faces.align import align_face
 from cervl.faces.detect import MTCNNDetector
-from cervl.faces.testclip import moving_face_clip
 from cervl.faces.video import track_faces, video_faces
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic clip lives with the tests
+from clips import moving_face_clip  # noqa: E402
 
 SHARED = Path(os.environ.get("CERVL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

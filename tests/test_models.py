@@ -152,6 +152,7 @@ def test_half_precision_on_a_cpu_without_native_support_warns_once(monkeypatch, 
     from cervl import models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the flags alone decide here
     models._warn_slow_half.cache_clear()
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
     with caplog.at_level("WARNING", logger="cervl.models"):
@@ -173,6 +174,7 @@ def test_a_onednn_cap_below_bf16_counts_as_no_native_support(monkeypatch):
     from cervl import models
 
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_bf16"}))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert models.cpu_has_native("bf16")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not models.cpu_has_native("bf16")

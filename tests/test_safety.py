@@ -279,7 +279,7 @@ def test_case9_atomic_writes_keep_permissions(tmp_path):
 
 def test_case13_no_leftovers_checkpoints_metrics_sidecars(tmp_path, data):
     cfg = recipe(tmp_path, data)
-    res = cervl("train", cfg, "--no-progress", env={"CERVL_TEST_KILL_AT_STEP": "2"})
+    res = cervl("train", cfg, "--no-progress", env={"CERVL_CRASH_AT": "checkpoint:2"})
     assert res.returncode == -signal.SIGKILL
     res = cervl("train", cfg, "--no-progress")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -308,7 +308,7 @@ def test_final_replacement_survives_a_kill_between_its_renames(tmp_path, data):
     cfg = recipe(tmp_path, data, checkpoint_every=0)
     assert cervl("train", cfg, "--no-progress").returncode == 0
     before = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
-    res = cervl("train", cfg, "--no-progress", env={"CERVL_TEST_KILL_AT": "final-swap"})
+    res = cervl("train", cfg, "--no-progress", env={"CERVL_CRASH_AT": "final-swap"})
     assert res.returncode == -signal.SIGKILL and not (tmp_path / "run" / "final").exists()
     assert (tmp_path / "run" / ".final.old" / "model.safetensors").read_bytes() == before  # nothing lost
     from cervl.predict import Predictor

@@ -84,7 +84,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, manifests):
     full = recipe(tmp_path / "a", manifests, stages=1, steps=6)
     assert cervl("train", full, "--no-progress").returncode == 0
     killed = recipe(tmp_path / "b", manifests, stages=1, steps=6)
-    res = cervl("train", killed, "--no-progress", env={"CERVL_TEST_KILL_AT_STEP": "4"})
+    res = cervl("train", killed, "--no-progress", env={"CERVL_CRASH_AT": "checkpoint:4"})
     assert res.returncode == -9  # SIGKILL, as kill -9
     state = json.loads((tmp_path / "b" / "run" / "stages" / "00-compound" / "checkpoint" / "state.json").read_text())
     assert state["state"] == {"step": 4, "total_steps": 6, "prompt": "minimal", "label_set": "rafdb-compound"}
@@ -110,7 +110,7 @@ def test_two_process_resume_after_kill_is_bit_identical(tmp_path, manifests):
     res = cervl("train", full, "--no-progress", launcher=TORCHRUN, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     killed = recipe(tmp_path / "b", manifests, stages=1, steps=6, batch=2)
-    res = cervl("train", killed, "--no-progress", launcher=TORCHRUN, env={**env, "CERVL_TEST_KILL_AT_STEP": "4"})
+    res = cervl("train", killed, "--no-progress", launcher=TORCHRUN, env={**env, "CERVL_CRASH_AT": "checkpoint:4"})
     assert res.returncode != 0
     ckpt = tmp_path / "b" / "run" / "stages" / "00-compound" / "checkpoint"
     rng = load_file(ckpt / "rng.safetensors")

@@ -186,7 +186,7 @@ class CountingDetector:
 @pytest.fixture(scope="module")
 def moving_clip():
     from cervl.faces.detect import make_detector
-    from cervl.faces.testclip import moving_face_clip
+    from clips import moving_face_clip
 
     try:
         det = make_detector("mtcnn", max_side=320)
@@ -225,7 +225,7 @@ def test_flow_tracking_is_as_accurate_as_detecting_every_frame(moving_clip):
 def test_tracking_follows_an_expression_change(moving_clip):
     """A smile (mouth corners pulled out and up, known path) on top of the moving camera: the
     landmarks must follow the non-rigid motion, not just the head."""
-    from cervl.faces.testclip import Smile, moving_face_clip
+    from clips import Smile, moving_face_clip
     from cervl.faces.video import track_faces
 
     det = moving_clip[0]

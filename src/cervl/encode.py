@@ -41,6 +41,18 @@ def prompt_text(processor, style: PromptStyle, label_set: LabelSet) -> str:
                                                    add_generation_prompt=True)
 
 
+def shared_prefix(tokenizer, text: str) -> list[int]:
+    """The prompt's tokens before its image (system text, guidelines, definitions): identical for every
+    sample of a stage, so training and scoring compute them once per batch."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[: ids.index(tokenizer.convert_tokens_to_ids("<|vision_start|>"))]
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's own, else 0 (padded positions are masked out anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def end_of_turn_id(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids("<|im_end|>")
 

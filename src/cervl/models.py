@@ -418,6 +418,16 @@ def merge_lora(model):
     return model.merge_and_unload()
 
 
+def unwrap(model):
+    """The transformers model under any peft wrapper (the one place that knows peft's nesting)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def core_and_head(model):
+    """The transformers multimodal core (``.model``: vision tower, merger, language model, ``get_rope_index``)
+    and the LM head, under any peft wrapper."""
+    base = unwrap(model)
+    return base.model, base.lm_head
 
 
 def cache_kwargs(cache) -> dict:

@@ -26,17 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from cervl.encode import IGNORE
-from cervl.models import ACCEPTS_ENCODER_OUTPUTS, cache_kwargs
+from cervl.models import ACCEPTS_ENCODER_OUTPUTS, cache_kwargs, core_and_head
 
 log = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 16  # below this many tokens the extra forward costs more than it saves
-
-
-def core_and_head(model):
-    """The transformers multimodal core (``.model``) and the LM head, under any peft wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model, base.lm_head
 
 
 class VisionCache:

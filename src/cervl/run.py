@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from cervl.errors import InputNotFound, InvalidInput, UserError
+from cervl.faults import crash_point
 from cervl.labels import LabelSet, get_label_set
 from cervl.models import TINY_BASE, TINY_PRESETS, default_attn_implementation, load_model, merge_lora, save_model
 from cervl.prompts import PromptStyle, get_prompt_style
@@ -352,16 +352,10 @@ def save_final(model, processor, meta: RunMeta, run_dir: Path) -> Path:
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-        _test_kill("final-swap")
+        crash_point("final-swap")
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _test_kill(point: str) -> None:
-    """Tests set CERVL_TEST_KILL_AT=<point> to SIGKILL the process there (crash-safety tests)."""
-    if os.environ.get("CERVL_TEST_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def remove_checkpoints(stage_folder: Path) -> None:

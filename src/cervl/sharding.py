@@ -20,6 +20,7 @@ import re
 import torch
 
 from cervl.errors import UserError
+from cervl.models import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def shard_model(model):
     """
     from torch.distributed.fsdp import fully_shard
 
-    from cervl.objective import core_and_head
+    from cervl.models import core_and_head
 
     core, _ = core_and_head(model)
     units = [m for name, m in core.named_modules() if _UNIT.search(name)]
@@ -112,18 +113,12 @@ def sync_replicated_grads(params, world: int) -> None:
             p.grad.div_(world)
 
 
-def is_sharded(model) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 class Skeleton:
     """What is needed to rebuild an unsharded copy: the model class, its config, the LoRA config,
     recorded before :func:`shard_model` changes the classes in place."""
 
     def __init__(self, model):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         self.cls, self.config = type(base), base.config
         self.peft_config = getattr(model, "peft_config", {}).get("default")
         self.dtype = next(model.parameters()).dtype
@@ -150,7 +145,7 @@ def gather_unsharded(model, skeleton: Skeleton):
     for name, buf in model.named_buffers():
         owner, _, leaf = name.rpartition(".")
         (plain.get_submodule(owner) if owner else plain)._buffers[leaf] = buf.detach().clone().to(device)
-    base = plain.get_base_model() if hasattr(plain, "get_base_model") else plain
+    base = unwrap(plain)
     if getattr(base.config, "tie_word_embeddings", False) or getattr(getattr(base.config, "text_config", None),
                                                                      "tie_word_embeddings", False):
         base.tie_weights()

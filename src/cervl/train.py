@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,8 +30,9 @@ from cervl.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_c
 from cervl.config import RunConfig, StageConfig, to_dict
 from cervl.data.images import check_images, image_size, load_rgb
 from cervl.data.mixture import Mixture, Sample, load_samples
-from cervl.encode import IGNORE, collate, encode_sample, prompt_text
+from cervl.encode import IGNORE, collate, encode_sample, pad_id, prompt_text, shared_prefix
 from cervl.errors import UserError
+from cervl.faults import crash_point
 from cervl.evaluate import evaluate, test_report
 from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build_tiny, default_attn_implementation,
                           load_model, lora_target_regex, merge_lora, save_model)
@@ -305,7 +305,7 @@ class StageTrainer:
         self.metrics = MetricsLog(self.dir / "metrics.csv", enabled=self.main, tensorboard=self.cfg.tensorboard,
                                   resume_step=self.start_step)
         tok = self.processor.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad_id = pad_id(tok)
         self.image_token_id = getattr(self.model.config, "image_token_id", None)
         # Background preparation competes with the training threads on a CPU (34 vs 46-52 samples/s on 2 cores).
         self.prefetch = self.cfg.prefetch if self.cfg.prefetch is not None else torch.cuda.is_available()
@@ -323,8 +323,7 @@ class StageTrainer:
         # Not when sharded: the prefix's keys/values reach the loss through the cache, not through the core's
         # output, so FSDP would not re-gather the (resharded) weights for that part of the backward.
         if cfg.shared_prefix and not checkpointing and not self.sharded:
-            ids = tok(self.prompt, add_special_tokens=False)["input_ids"]
-            prefix = ids[: ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))]
+            prefix = shared_prefix(tok, self.prompt)
         frozen_vision = stage.method == "lora" and stage.lora.vision == "frozen" and stage.lora.merger == "frozen"
         cache = None
         # the memory store outlives the stage: later stages reuse it. Not when sharded: a cache hit on one
@@ -454,7 +453,7 @@ class StageTrainer:
                                 state={"step": done, "total_steps": self.total_steps, "prompt": stage.style.name,
                                        "label_set": stage.labels.name})
             self.acc.wait_for_everyone()
-            _test_kill_hook(done)
+            crash_point(f"checkpoint:{done}")
 
     def evaluate(self) -> dict:
         ev = self.stage.eval
@@ -574,13 +573,6 @@ class _Steps(torch.utils.data.Dataset):
 
 def _identity(x):
     return x
-
-
-def _test_kill_hook(step: int) -> None:
-    """Tests set CERVL_TEST_KILL_AT_STEP to SIGKILL the process right after a checkpoint."""
-    at = os.environ.get("CERVL_TEST_KILL_AT_STEP")
-    if at and int(at) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 __all__ = ["train", "check_data", "load_base", "StageTrainer", "TrainingDiverged", "make_scheduler"]

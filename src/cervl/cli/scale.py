@@ -39,6 +39,8 @@ def predict(args, items: list, videos: list[Path], detector: dict, tracking: dic
     s = ray_predict(job, args.out, ray_options(args), fmt=args.format, meta=meta)
     print(f"wrote {s.rows} predictions to {args.out} ({s.errors} error rows)")
     print(f"ray: {s.line()}")
+    if s.failed:  # videos that could not be decoded at all, as the local engine logs them
+        print(f"videos that failed: {', '.join(s.failed)}")
     return 0
 
 

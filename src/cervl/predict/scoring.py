@@ -16,16 +16,11 @@ import torch
 from tqdm import tqdm
 
 from cervl.data.images import load_rgb
-from cervl.encode import IGNORE, Encoded, answer_ids, collate, encode_prompt, prompt_text, token_logprobs
+from cervl.encode import (IGNORE, Encoded, answer_ids, collate, encode_prompt, pad_id, prompt_text, shared_prefix,
+                          token_logprobs)
 from cervl.labels import LabelSet
-from cervl.models import cache_kwargs
+from cervl.models import cache_kwargs, core_and_head, unwrap
 from cervl.prompts import PromptStyle
-
-
-def _core(model):
-    """The transformers Qwen-VL model under any peft wrapper (it owns ``get_rope_index``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
 
 
 # Attention implementations that accept an arbitrary boolean 4-D mask, which the answer trie needs.
@@ -40,7 +35,7 @@ def tree_mask_attention(model):
     padding masks; scoring switches the model to SDPA for its forwards and back afterwards, so a
     mid-training evaluation leaves the training attention as it was.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     current = getattr(base.config, "_attn_implementation", "sdpa")
     if current in TREE_MASK_ATTENTION:
         yield
@@ -75,9 +70,8 @@ class LabelScorer:
         tok = processor.tokenizer
         self.text = prompt_text(processor, style, label_set)
         self.cands = [answer_ids(tok, c) for c in label_set.classes]
-        vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
         ids = tok(self.text, add_special_tokens=False)["input_ids"]
-        self.prefix = ids[: ids.index(vision_start)]
+        self.prefix = shared_prefix(tok, self.text)
         # The prompt's tokens around its single image placeholder: per image only the number of image
         # tokens changes, so prompts are assembled from these instead of re-tokenising the text.
         self.image_token = model.config.image_token_id
@@ -117,7 +111,7 @@ class LabelScorer:
         image_token = self.model.config.image_token_id
         mm = (ids == image_token).long()
         mask = torch.ones_like(ids)
-        pos, _ = _core(self.model).get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid,
+        pos, _ = core_and_head(self.model)[0].get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid,
                                                   attention_mask=mask)
         cache = self._prefix_state()
         cache.batch_repeat_interleave(b)
@@ -191,7 +185,7 @@ def score_labels_bruteforce(model, processor, style: PromptStyle, label_set: Lab
     text = prompt_text(processor, style, label_set)
     cands = [answer_ids(tok, c) for c in label_set.classes]
     k = len(cands)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     image_token_id = model.config.image_token_id
     device = next(model.parameters()).device
     out = np.zeros((len(images), k))
@@ -205,7 +199,7 @@ def score_labels_bruteforce(model, processor, style: PromptStyle, label_set: Lab
             for cand in cands:
                 encoded.append(Encoded(ids + cand, [IGNORE] * len(ids) + cand, pixels, grid))
         batch = {key: v.to(device) for key, v in
-                 collate(encoded, pad_id, image_token_id, padding_side="left").items()}
+                 collate(encoded, pad, image_token_id, padding_side="left").items()}
         # Answers sit at the end (left padding): only the last few positions need vocabulary logits,
         # which keeps memory flat with a 150k-token vocabulary.
         keep = max(len(c) for c in cands) + 1

@@ -7,9 +7,11 @@ driver writes finished shards atomically so an interrupted run resumes where it 
 
 * :mod:`cervl.scale.cluster`: :class:`RayOptions`, connecting, the actor pool's resources;
 * :mod:`cervl.scale.shards`: the shard store (resume, no duplicates, JSONL or Parquet output);
-* :mod:`cervl.scale.work`: what runs on the cluster (decode/align tasks, video tasks, the predictor actor);
-* :mod:`cervl.scale.pipeline`: the driver side: ``ray_predict``, ``ray_abaw``, ``ray_align_images``,
-  ``ray_align_videos``.
+* :mod:`cervl.scale.remote`: what runs remotely, on the cluster (decode/align tasks, video tasks, the predictor
+  actor);
+* :mod:`cervl.scale.pipeline`: the driver side: ``ray_predict``, ``ray_abaw``, and ``ray_align_files`` and
+  ``ray_video_events``, which ``cervl align`` passes to :func:`~cervl.faces.dataset.align_images` and
+  :func:`~cervl.faces.dataset.align_videos`.
 
 Ray is an optional extra: ``pip install 'cervl[ray]'``.
 """

@@ -235,7 +235,7 @@ def _timing(summary: RaySummary, t0: float, kind: str, result) -> None:
 
 
 def _predict_dataset(ray, job: PredictJob, todo: list[dict], options: RayOptions):
-    from cervl.scale.work import PredictorActor, pack_run, prepare
+    from cervl.scale.remote import PredictorActor, pack_run, prepare
 
     pool, cpus = _pool(ray, options)
     vbatch = job.video_batch_size or job.batch_size
@@ -299,7 +299,7 @@ def ray_align_files(files: list, landmarks: list | None = None, *, options: RayO
                     **aligner_options) -> Iterator[tuple[int, list | str]]:
     """:func:`cervl.faces.pipeline.align_files` on Ray: CPU tasks align shards; results come back in
     input order (a small reorder buffer), with the same crops, so ``cervl align`` writes the same files."""
-    from cervl.scale.work import align_image_shard
+    from cervl.scale.remote import align_image_shard
 
     del workers  # Ray decides the parallelism
     landmarks = landmarks or [None] * len(files)
@@ -337,7 +337,7 @@ def ray_video_events(paths: list, *, options: RayOptions, detector: str = "mtcnn
                      **video_options) -> Iterator[tuple[str, int, object]]:
     """:func:`cervl.faces.video.many_video_faces` on Ray: one task per video (tracking is sequential),
     the same events, each video's frames in order."""
-    from cervl.scale.work import track_videos
+    from cervl.scale.remote import track_videos
 
     del workers
     rows = [{"key": shard_key("vid", i), "kind": "vid", "payload": pickle.dumps({"index": i, "path": str(p)})}
