@@ -173,3 +173,16 @@ def test_loading_never_writes_the_run_folder(runs, tmp_path):
     with RunLock(run):  # recovery belongs to the lock holder: the trainer's save puts a complete final/ back
         save_final(model, processor, RunMeta.read(run), run)
     assert (run / "final" / "cervl.json").is_file() and not (run / ".final.old").exists()
+
+
+def test_stage_validation_and_the_test_report_give_the_same_numbers(runs, tmp_path):
+    # issue 20: validation scored with score_labels, the test report through Predictor.predict
+    from cervl.evaluate import evaluate, test_report
+    from cervl.predict import Predictor
+
+    pred = Predictor.from_run(runs / "merged")
+    manifest = runs / "m" / "synthce-compound-aligned.jsonl"
+    ev = evaluate(pred.model, pred.processor, pred.style, pred.label_set, str(manifest), ["train"])
+    rep = test_report(pred, str(manifest), ["train"], tmp_path / "eval", progress=False)
+    assert ev["n"] == rep["n"] == 22 and ev["accuracy"] == rep["accuracy"] and ev["macro_f1"] == rep["macro_f1"]
+    assert ev["confusion"] == [list(r) for r in rep["confusion"]]

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cervl.fsio import swap_in
+
 CKPT = "checkpoint"
 
 
@@ -73,11 +75,7 @@ def save_checkpoint(stage_dir: Path, *, trainable: dict[str, torch.Tensor], opti
     for p in tmp.iterdir():  # make the files durable before the rename makes them visible
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, final, old)
     return final
 
 

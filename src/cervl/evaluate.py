@@ -15,7 +15,6 @@ from cervl.data.mixture import Sample, load_samples
 from cervl.labels import LabelSet
 from cervl.metrics import accuracy, confusion_matrix, macro_f1
 from cervl.predict.predictor import Item, Predictor, write_predictions
-from cervl.predict.scoring import score_labels
 from cervl.prompts import PromptStyle
 from cervl.report import evaluate_predictions
 
@@ -28,15 +27,26 @@ def subsample(samples: list[Sample], max_samples: int) -> list[Sample]:
     return [samples[i] for i in sorted(idx)]
 
 
+def score_samples(predictor: Predictor, samples: list[Sample], *, progress: bool = False) -> list[dict]:
+    """Prediction rows for manifest samples: the one scoring path of stage validation and the test report."""
+    items = [Item(id=s.record.sample_id, image=s.path, label=s.record.label, video=s.record.video,
+                  frame=s.record.frame) for s in samples]
+    return list(predictor.predict(items, mode="score", progress=progress))
+
+
 def evaluate(model, processor, style: PromptStyle, label_set: LabelSet, manifest: str, splits: list[str], *,
              max_samples: int = 0, progress: bool = False) -> dict:
-    """Accuracy and macro-F1 of constrained scoring on a labelled manifest split."""
+    """Accuracy and macro-F1 of constrained scoring on a labelled manifest split (stage validation).
+
+    It scores through :func:`score_samples`, as :func:`test_report` does, so a stage's validation and the
+    test report of the same split give the same numbers.
+    """
     samples = subsample(load_samples(manifest, splits, label_set), max_samples)
     was_training = model.training
-    probs = score_labels(model, processor, style, label_set, [s.path for s in samples], progress=progress)
+    rows = score_samples(Predictor(model, processor, style, label_set), samples, progress=progress)
     model.train(was_training)
     y_true = np.array([label_set.index_of[s.record.label] for s in samples])
-    y_pred = probs.argmax(1)
+    y_pred = np.array([label_set.index_of[r["pred"]] if r.get("pred") in label_set else -1 for r in rows])
     return {"manifest": str(manifest), "splits": splits, "n": len(samples), "label_set": label_set.name,
             "accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred, len(label_set)),
             "confusion": confusion_matrix(y_true, y_pred, len(label_set)).tolist()}
@@ -47,9 +57,7 @@ def test_report(predictor: Predictor, manifest: str, splits: list[str], out_dir:
     """Score a test split, write ``test_predictions.jsonl`` (+ meta) and the report folder; return the metrics."""
     label_set = predictor.label_set
     samples = subsample(load_samples(manifest, splits, label_set), max_samples)
-    items = [Item(id=s.record.sample_id, image=s.path, label=s.record.label, video=s.record.video,
-                  frame=s.record.frame) for s in samples]
-    rows = list(predictor.predict(items, mode="score", progress=progress))
+    rows = score_samples(predictor, samples, progress=progress)
     out_dir = Path(out_dir)
     pred_path = out_dir / "test_predictions.jsonl"
     write_predictions(pred_path, rows, {"mode": "score", "normalize": "sum", "label_set": label_set.name,
@@ -59,4 +67,4 @@ def test_report(predictor: Predictor, manifest: str, splits: list[str], out_dir:
     return {"label_set": label_set.name, "predictions": str(pred_path), **metrics}
 
 
-__all__ = ["evaluate", "test_report", "subsample"]
+__all__ = ["evaluate", "score_samples", "subsample", "test_report"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -36,6 +35,7 @@ from cervl.data.mixture import load_samples
 from cervl.data.prepare import prepare_synthce
 from cervl.errors import InvalidInput
 from cervl.facs import AU_IDS, au_key
+from cervl.fsio import swap_in
 from cervl.labels import get_label_set
 from cervl.models import build_tiny, save_model
 from cervl.run import claim_run_dir
@@ -114,7 +114,8 @@ def pretrain_tiny(config_path: Path, overrides: list[str], *, per_class: int, ou
                   "minutes": round((time.perf_counter() - t0) / 60, 1),
                   "caption_metrics_last_row": [p.read_text().splitlines()[-1] for p in metrics]}
     (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-    replace_folder(tmp, out, scratch)
+    swap_in(tmp, out, scratch / "old")  # through a scratch folder of ours: nothing of anyone else's is removed
+    shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
@@ -133,12 +134,3 @@ def check_output(out: Path) -> None:
         if not ours:
             raise InvalidInput(f"--out {out} is not empty and is not a tiny base written by cervl pretrain-tiny "
                                f"(no {PROVENANCE}); cervl replaces that folder, so choose a new or empty one")
-
-
-def replace_folder(new: Path, out: Path, scratch: Path) -> None:
-    """Swap the complete folder ``new`` in for ``out`` by renames through ``scratch`` (a folder this
-    command created), so a kill leaves one complete copy and nothing of anyone else's is removed."""
-    if out.exists():
-        os.replace(out, scratch / "old")
-    os.replace(new, out)
-    shutil.rmtree(scratch, ignore_errors=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from cervl.errors import InputNotFound, InvalidInput, UserError
-from cervl.faults import crash_point
+from cervl.fsio import swap_in
 from cervl.labels import LabelSet, get_label_set
 from cervl.models import TINY_BASE, TINY_PRESETS, default_attn_implementation, load_model, merge_lora, save_model
 from cervl.prompts import PromptStyle, get_prompt_style
@@ -349,12 +349,7 @@ def save_final(model, processor, meta: RunMeta, run_dir: Path) -> Path:
     else:
         tmp.mkdir(parents=True)
     write_json(tmp / RUN_META, asdict(meta))
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        crash_point("final-swap")
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, final, old, crash="final-swap")
     return final
 
 

@@ -256,7 +256,7 @@ def _run_serve(args) -> int:
     import os
 
     from cervl.predict import Predictor
-    from cervl.serve import is_loopback, serve
+    from cervl.serve import check_exposure, serve
     from cervl.serve.app import ServeSettings, run_summary
 
     key = None
@@ -264,9 +264,7 @@ def _run_serve(args) -> int:
         key = os.environ.get(args.api_key_env)
         if not key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
-    if not is_loopback(args.host) and not key and not args.insecure_no_auth:  # before the model loads
-        raise UserError(f"--host {args.host} is reachable from other machines: set an API key (--api-key-env NAME) "
-                        f"or pass --insecure-no-auth")
+    check_exposure(args.host, key, args.insecure_no_auth)  # before the model loads
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, align=args.align, api_key=key,
                              max_body_bytes=args.max_body_mb * 2**20, max_video_seconds=args.max_video_seconds,
                              request_timeout_s=args.timeout, max_request_pixels=int(args.max_request_mp * 1e6),

@@ -82,19 +82,24 @@ def video_rows(video: str, frames: list, raw: list, classes: tuple[str, ...], sm
 
 def predict_video(predictor: Predictor, path, detector, *, every: int = 1, smoothing: str = "gaussian",
                   window: int = 5, sigma: float = 1.5, batch_size: int = 16, size: int = 112,
-                  redetect_every: int = 120, verify_every: int = 10) -> list[dict]:
+                  redetect_every: int = 120, verify_every: int = 10, name: str | None = None,
+                  on_frame=None, progress: bool = True) -> list[dict]:
     """Per-frame predictions for one video (file or frame folder): detect, track, align, score, smooth.
 
     Crops are scored in batches as they come, so memory does not grow with the video's length.
     ``redetect_every`` and ``verify_every`` set the tracking (see :func:`cervl.faces.video.track_faces`).
+    ``name`` is the video's id in the rows (default: the file's stem); ``on_frame(frame_face)`` is called for
+    every decoded frame before it is scored (it may raise to stop the video).
     Frames without a face keep ``status: lost`` and no probabilities of their own; the smoothed
     output carries the neighbours' probabilities over them (so every sampled frame gets a label),
     and ``pred`` of a lost frame is None when no face was seen anywhere in the video.
     """
-    scorer = VideoScorer(predictor, video_name(path), batch_size)
+    scorer = VideoScorer(predictor, name or video_name(path), batch_size)
     stream = video_faces(path, detector, every=every, size=size, redetect_every=redetect_every,
                          verify_every=verify_every)
-    for f in tqdm(stream, desc=scorer.video, unit="frame", leave=False):
+    for f in tqdm(stream, desc=scorer.video, unit="frame", leave=False, disable=not progress):
+        if on_frame is not None:
+            on_frame(f)  # the server's jobs: progress, and the length limit while decoding
         scorer.add(f)
     return scorer.rows(smoothing, window, sigma)
 

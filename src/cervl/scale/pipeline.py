@@ -12,10 +12,11 @@ import math
 import pickle
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from cervl.errors import InvalidInput
 from cervl.scale.cluster import RayOptions, actor_threads, connect
@@ -60,6 +61,27 @@ def shard_size(requested: int, *multiples: int) -> int:
     """``requested`` rounded up to a multiple of every number in ``multiples``."""
     step = math.lcm(*[max(1, m) for m in multiples])
     return max(step, -(-requested // step) * step)
+
+
+def image_shards(jobs: list, size: int) -> list[dict]:
+    """Ray rows of image work: ``size`` jobs per shard, keyed in input order."""
+    return [{"key": shard_key("img", s // size), "kind": "img", "payload": pickle.dumps(jobs[s:s + size])}
+            for s in range(0, len(jobs), size)]
+
+
+def video_shards(paths: list) -> list[dict]:
+    """Ray rows of video work: one per video (tracking is sequential within a video)."""
+    return [{"key": shard_key("vid", i), "kind": "vid", "payload": pickle.dumps({"index": i, "path": str(p)})}
+            for i, p in enumerate(paths)]
+
+
+def frames_with(chunks: list[dict], key: str) -> Iterator[tuple]:
+    """Each frame of a video's chunks, in order, with its entry of ``key`` (``crops`` or ``raw``): a frame had
+    a crop, and so a score, exactly when a face was found; others get None."""
+    for c in chunks:
+        values = iter(c.get(key, ()))
+        for f in c["frames"]:
+            yield f, (next(values) if f.box is not None else None)
 
 
 def _dataset(ray, rows: list[dict]):
@@ -107,12 +129,9 @@ def _video_result(chunks: list[dict], classes, smoothing: str, window: int, sigm
 
     if "error" in chunks[-1]:
         return chunks[-1]["error"]
-    frames, raw = [], []
-    for c in chunks:
-        probs = iter(c.get("raw", ()))
-        for f in c["frames"]:
-            frames.append(f)  # a frame had a crop (and was scored) exactly when a face was found
-            raw.append(next(probs) if f.box is not None else np.full(len(classes), np.nan))
+    pairs = list(frames_with(chunks, "raw"))
+    frames = [f for f, _ in pairs]
+    raw = [np.full(len(classes), np.nan) if p is None else p for _, p in pairs]
     if not frames:
         return f"{name}: no frames decoded"
     return video_rows(name, frames, raw, classes, smoothing, window, sigma)
@@ -140,11 +159,7 @@ class PredictJob:
 
     def shards(self, size: int) -> list[dict]:
         """Ray rows: image shards of ``size`` items, then one row per video."""
-        rows = [{"key": shard_key("img", s // size), "kind": "img", "payload": pickle.dumps(self.items[s:s + size])}
-                for s in range(0, len(self.items), size)]
-        rows += [{"key": shard_key("vid", i), "kind": "vid", "payload": pickle.dumps({"index": i, "path": str(v)})}
-                 for i, v in enumerate(self.videos)]
-        return rows
+        return image_shards(self.items, size) + video_shards(self.videos)
 
     def fingerprint(self, size: int, fmt: str) -> str:
         from cervl.run import final_dir
@@ -305,8 +320,7 @@ def ray_align_files(files: list, landmarks: list | None = None, *, options: RayO
     landmarks = landmarks or [None] * len(files)
     jobs = [(i, str(f), lm) for i, (f, lm) in enumerate(zip(files, landmarks))]
     size = shard_size(options.shard_size, chunk_size)
-    rows = [{"key": shard_key("img", s // size), "kind": "img", "payload": pickle.dumps(jobs[s:s + size])}
-            for s in range(0, len(jobs), size)]
+    rows = image_shards(jobs, size)
     ray = connect(options)
     spec = {"detector": detector, "options": detector_options or {}, "aligner": aligner_options}
     ds = _dataset(ray, rows).map_batches(align_image_shard, batch_size=1, num_cpus=options.cpus_per_task,
@@ -325,10 +339,6 @@ def ray_align_files(files: list, landmarks: list | None = None, *, options: RayO
 
 
 def _with_image(result):
-    from dataclasses import replace
-
-    from PIL import Image
-
     return result if result.crop is None else replace(result, crop=Image.fromarray(result.crop))
 
 
@@ -340,8 +350,7 @@ def ray_video_events(paths: list, *, options: RayOptions, detector: str = "mtcnn
     from cervl.scale.remote import track_videos
 
     del workers
-    rows = [{"key": shard_key("vid", i), "kind": "vid", "payload": pickle.dumps({"index": i, "path": str(p)})}
-            for i, p in enumerate(paths)]
+    rows = video_shards(paths)
     ray = connect(options)
     ds = _dataset(ray, rows).map_batches(
         track_videos, batch_size=1, num_cpus=options.cpus_per_task,
@@ -356,17 +365,8 @@ def ray_video_events(paths: list, *, options: RayOptions, detector: str = "mtcnn
         if "error" in chunks[-1]:
             yield "error", i, chunks[-1]["error"]
             continue
-        for ch in chunks:
-            crops = iter(ch["crops"])
-            frames = [_frame_with_crop(f, crops) for f in ch["frames"]]
+        for ch in chunks:  # the one-machine path's chunks: the crops back on their frames, as images
+            frames = [f if c is None else replace(f, crop=Image.fromarray(c)) for f, c in frames_with([ch], "crops")]
             if frames:
                 yield "frames", i, frames
         yield "done", i, None
-
-
-def _frame_with_crop(f, crops):
-    from dataclasses import replace
-
-    from PIL import Image
-
-    return replace(f, crop=Image.fromarray(next(crops))) if f.box is not None else f

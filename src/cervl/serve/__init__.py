@@ -20,6 +20,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse a non-loopback ``host`` without an API key (unless ``insecure_no_auth``): the one place that
+    decides it, called by the CLI before the model loads and by :func:`serve` itself."""
+    if not is_loopback(host) and not api_key and not insecure_no_auth:
+        raise InvalidInput(f"--host {host} is reachable from other machines: set an API key (--api-key-env NAME) "
+                           f"or pass --insecure-no-auth")
+
+
 def serve(predictor, *, host: str = "127.0.0.1", port: int = 8000, settings=None, run_info: dict | None = None,
           insecure_no_auth: bool = False, limit_concurrency: int = 512) -> None:
     """Serve ``predictor`` until interrupted. Off loopback, an API key is required unless ``insecure_no_auth``."""
@@ -30,9 +38,7 @@ def serve(predictor, *, host: str = "127.0.0.1", port: int = 8000, settings=None
     except ImportError as e:
         raise MissingResource(f"the server needs the 'serve' extra: pip install 'cervl[serve]' ({e})") from None
     settings = settings or ServeSettings()
-    if not is_loopback(host) and not settings.api_key and not insecure_no_auth:
-        raise InvalidInput(f"--host {host} is reachable from other machines: set an API key (--api-key-env NAME) "
-                           f"or pass --insecure-no-auth")
+    check_exposure(host, settings.api_key, insecure_no_auth)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # fail early, in one line
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -46,4 +52,4 @@ def serve(predictor, *, host: str = "127.0.0.1", port: int = 8000, settings=None
                 timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
 
 
-__all__ = ["serve", "is_loopback"]
+__all__ = ["check_exposure", "is_loopback", "serve"]

@@ -130,18 +130,17 @@ class VideoJobs:
 
     def _run(self, job: Job, path: Path, frame_limit: int) -> None:
         from cervl.faces.detect import make_detector
-        from cervl.faces.video import video_faces
-        from cervl.predict.video import VideoScorer
+        from cervl.predict.video import predict_video
+
+        def frame_seen(f) -> None:
+            if f.frame > frame_limit:  # the container's length can be missing or wrong: count while decoding
+                raise ValueError(f"{job.name}: longer than this server's limit ({frame_limit} frames decoded)")
+            job.frames_done = f.frame  # frames of the video passed, so progress reaches 1 with every > 1 too
 
         job.status = "running"
         try:
-            scorer = VideoScorer(self.predictor, job.name, batch_size=16)
-            for f in video_faces(path, make_detector("mtcnn"), every=self.every):
-                if f.frame > frame_limit:  # the container's length can be missing or wrong: count while decoding
-                    raise ValueError(f"{job.name}: longer than this server's limit ({frame_limit} frames decoded)")
-                scorer.add(f)
-                job.frames_done = f.frame  # frames of the video passed, so progress reaches 1 with every > 1 too
-            rows = scorer.rows()
+            rows = predict_video(self.predictor, path, make_detector("mtcnn"), every=self.every, batch_size=16,
+                                 name=job.name, on_frame=frame_seen, progress=False)
             classes = self.predictor.label_set.classes
             job.result = {"classes": list(classes), "rows": rows, "segments": segments(rows),
                           "summary": summarize(rows, classes),
