@@ -90,10 +90,11 @@ def _check_levers(model, proc, answers, size=(112, 112)):
     _assert_same(ref, _loss_and_grads(model, lambda: other(**batch)))
     assert other.lever_record()["shared_prefix_tokens"] == 0 and other.lever_record()["plain_batches"] == 1
     cache = VisionCache(model, proc, None, 64)
-    cached = AnswerObjective(model, prefix=prefix, vision_cache=cache)
     if not ACCEPTS_ENCODER_OUTPUTS:  # older transformers: the cache is refused, not silently wrong
-        assert cached.vision_cache is None
+        with pytest.raises(ValueError, match="no precomputed image features"):
+            AnswerObjective(model, prefix=prefix, vision_cache=cache)
         return ref
+    cached = AnswerObjective(model, prefix=prefix, vision_cache=cache)
     hashes = [f"img{i}" for i in range(len(answers))]
     for _ in range(2):  # first pass fills the cache, second reads it
         _assert_same(ref, _loss_and_grads(model, lambda: cached(**batch, image_hashes=hashes)))

@@ -12,6 +12,10 @@ each exact (the same loss and gradients, up to float summation order):
    positions of the suffix are taken from the full sequence's position computation.
 3. **Vision-feature cache.** With a frozen vision tower and merger, each image's visual embeddings
    are computed once and reused across epochs and stages (:class:`VisionCache`).
+
+:func:`decide_levers` is the one place that decides, once per stage, which levers are on and why;
+the decision is recorded in the stage's ``DONE.json``. Nothing falls back silently: a batch that does
+not start with the shared prefix (which a stage's fixed prompt rules out) is warned about and counted.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import logging
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,11 +133,6 @@ def _fingerprint(visual, image_processor) -> str:
     return h.hexdigest()
 
 
-def file_hash(path) -> str:
-    """The cache key of an image file: a hash of its bytes."""
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
-
-
 class AnswerObjective(torch.nn.Module):
     """``forward(batch) -> summed cross-entropy of the supervised tokens`` (see the module docstring).
 
@@ -144,12 +144,10 @@ class AnswerObjective(torch.nn.Module):
                  full_logits: bool = False):
         super().__init__()
         self.model, self.full_logits = model, full_logits  # full_logits: the standard way, for benchmarks
-        self.prefix = list(prefix) if prefix and len(prefix) >= MIN_SHARED_PREFIX else []
         if vision_cache is not None and not ACCEPTS_ENCODER_OUTPUTS:
-            log.warning("vision cache off: this transformers version takes no precomputed image features "
-                        "(mm_encoder_outputs); the vision tower runs every step")
-            vision_cache = None
-        self.vision_cache = vision_cache
+            raise ValueError("this transformers version takes no precomputed image features (mm_encoder_outputs): "
+                             "a vision cache cannot be used (decide_levers turns it off)")
+        self.prefix, self.vision_cache = list(prefix or []), vision_cache
         self.shared_batches = self.plain_batches = 0  # what actually ran, recorded in DONE.json
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
@@ -203,3 +201,66 @@ class AnswerObjective(torch.nn.Module):
                    **cache_kwargs(cache), use_cache=True, **{k: v for k, v in vision.items() if v is not None})
         # The suffix's first hidden state predicts labels[p + 1]; labels[p] (predicted by the prefix) is unsupervised.
         return out.last_hidden_state, labels[:, p:]
+
+
+@dataclass
+class Levers:
+    """A stage's training levers, decided once by :func:`decide_levers`, with the reason for each."""
+
+    prefix: list[int] | None
+    vision_cache: VisionCache | None
+    gradient_checkpointing: bool
+    why: dict[str, str]
+
+    def objective(self, model) -> AnswerObjective:
+        """The loss module with these levers (gradient checkpointing is switched on here, on the model)."""
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return AnswerObjective(model, prefix=self.prefix, vision_cache=self.vision_cache)
+
+    def record(self, objective: AnswerObjective) -> dict:
+        """For ``DONE.json``: what was decided and why, and what the levers did."""
+        return {"decided": dict(self.why), "gradient_checkpointing": self.gradient_checkpointing,
+                **objective.lever_record()}
+
+
+def decide_levers(model, processor, cfg, stage, prompt: str, *, sharded: bool, cache_dir: Path,
+                  memory: dict) -> Levers:
+    """Which levers a stage uses, and why (see the module docstring). Answer-only logits are always on.
+
+    ``memory`` is the vision cache's in-memory store, shared by a run's stages; ``cache_dir`` its spill folder.
+    """
+    from cervl.encode import shared_prefix
+
+    why: dict[str, str] = {}
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:  # auto: real models above 3B parameters
+        checkpointing = sum(p.numel() for p in model.parameters()) > 3e9
+    prefix = shared_prefix(processor.tokenizer, prompt)
+    if not cfg.shared_prefix:
+        why["shared_prefix"], prefix = "off: shared_prefix=false", None
+    elif checkpointing:  # checkpointing would recompute the cached prefix keys/values
+        why["shared_prefix"], prefix = "off: gradient checkpointing is on", None
+    elif sharded:  # the prefix's keys/values reach the loss through the cache, not the core's output, so FSDP
+        # would not re-gather the (resharded) weights for that part of the backward
+        why["shared_prefix"], prefix = "off: sharded stage (FSDP)", None
+    elif len(prefix) < MIN_SHARED_PREFIX:
+        why["shared_prefix"] = f"off: the prompt's shared prefix has {len(prefix)} tokens (< {MIN_SHARED_PREFIX})"
+        prefix = None
+    else:
+        why["shared_prefix"] = f"on: {len(prefix)} tokens"
+    frozen_vision = stage.method == "lora" and stage.lora.vision == "frozen" and stage.lora.merger == "frozen"
+    cache = None
+    if not cfg.vision_cache_mb:
+        why["vision_cache"] = "off: vision_cache_mb=0"
+    elif not frozen_vision:
+        why["vision_cache"] = "off: the stage trains the vision tower or merger"
+    elif sharded:  # a hit on one rank and a miss on another would run the sharded tower on one rank only: hang
+        why["vision_cache"] = "off: sharded stage (FSDP)"
+    elif not ACCEPTS_ENCODER_OUTPUTS:
+        why["vision_cache"] = "off: this transformers version takes no precomputed image features"
+    else:
+        cache = VisionCache(model, processor, cache_dir, cfg.vision_cache_mb, memory=memory)
+        why["vision_cache"] = f"on: {cfg.vision_cache_mb} MB in memory, then {cache_dir.name}/"
+    log.info("stage %s levers: %s", stage.name, "; ".join(f"{k} {v}" for k, v in why.items()))
+    return Levers(prefix, cache, bool(checkpointing), why)

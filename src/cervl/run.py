@@ -77,8 +77,124 @@ def resolve(run_dir: Path, stored: str) -> Path:
     return Path(run_dir) / p if not p.is_absolute() else p
 
 
+class Layout:
+    """Every name in a run folder. Other modules ask for paths here and never spell a name themselves;
+    README's Architecture table lists, for each file, the one function that writes it."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.root = Path(run_dir)
+        self.marker, self.config, self.lineage = self.root / MARKER, self.root / "config.json", self.root / "lineage.json"
+        self.base, self.final, self.eval = self.root / "base", self.root / "final", self.root / "eval"
+        self.vision_cache, self.lock = self.root / "vision_cache", self.root / ".lock"
+        self.bad_samples, self.test_metrics = self.root / "bad_samples.json", self.root / "test_metrics.json"
+
+    def stage(self, index: int, name: str) -> "StageFiles":
+        return StageFiles(self.root / "stages" / f"{index:02d}-{name}")
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """The names inside one stage's folder ``stages/NN-name/``."""
+
+    folder: Path
+
+    @property
+    def spec(self) -> Path:  # stage.json: the stage as planned (steps, samples per epoch, processes)
+        return self.folder / "stage.json"
+
+    @property
+    def done(self) -> Path:  # DONE.json: the stage's StageRecord; its presence marks the stage finished
+        return self.folder / "DONE.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.csv"
+
+    @property
+    def adapter(self) -> Path:
+        return self.folder / "adapter"
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / "weights"
+
+
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
-    return Path(run_dir) / "stages" / f"{index:02d}-{name}"
+    return Layout(run_dir).stage(index, name).folder
+
+
+@dataclass
+class StageRecord:
+    """One lineage entry, and a finished stage's ``DONE.json``: which weights a stage produced and how.
+
+    Replaces a dict read back key by key. ``base`` entries name the starting weights (``source``,
+    ``weights``); ``lora`` entries their ``adapter`` (+ ``rank``, ``alpha``); ``full`` entries their
+    ``weights``. Paths are relative to the run folder. Keys this version does not know (from newer or older
+    runs) are kept in ``extra`` and written back unchanged.
+    """
+
+    stage: str
+    kind: str  # base | lora | full
+    index: int | None = None
+    source: str | None = None
+    weights: str | None = None
+    adapter: str | None = None
+    rank: int | None = None
+    alpha: int | None = None
+    label_set: str | None = None
+    prompt: str | None = None
+    data: list | None = None
+    steps: int | None = None
+    skipped_steps: int | None = None
+    levers: dict | None = None
+    sharded: dict | None = None
+    final_eval: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageRecord":
+        if isinstance(d, StageRecord):
+            return d
+        names = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(**{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
+        return {**d, **self.extra}
+
+    @classmethod
+    def read(cls, files: StageFiles) -> "StageRecord":
+        return cls.from_dict(json.loads(files.done.read_text()))
+
+    def write(self, files: StageFiles) -> None:
+        """``DONE.json``: written last, when the stage's weights are saved; the stage is then never retrained."""
+        write_json(files.done, self.to_dict())
+
+
+def write_lineage(layout: Layout, records: list[StageRecord]) -> None:
+    """``lineage.json``: every stage's record so far, base first."""
+    write_json(layout.lineage, [r.to_dict() for r in records])
+
+
+def write_stage_spec(files: StageFiles, spec: dict) -> None:
+    """``stage.json``: the stage as planned, written when it starts."""
+    files.folder.mkdir(parents=True, exist_ok=True)
+    write_json(files.spec, spec)
+
+
+def write_bad_samples(layout: Layout, bad: dict[str, str]) -> None:
+    """``bad_samples.json``: the images ``skip_bad`` leaves out, with their reasons."""
+    write_json(layout.bad_samples, sorted(bad.items()))
+
+
+def write_test_metrics(layout: Layout, metrics: dict) -> None:
+    """``test_metrics.json``: the held-out evaluation's summary (the report itself goes to ``eval/``)."""
+    write_json(layout.test_metrics, metrics)
+
+
+def save_base(model, processor, layout: Layout) -> None:
+    """``base/``: a tiny preset's random-init weights, built once, so that resume and reload are exact."""
+    save_model(model, processor, layout.base)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +315,8 @@ def check_config(run_dir: Path, config: dict) -> None:
 
     A folder where no stage finished or checkpointed (a failed start) is simply reused.
     """
-    saved = Path(run_dir) / "config.json"
+    layout = Layout(run_dir)
+    saved = layout.config
     if saved.is_file():
         previous = json.loads(saved.read_text())
         current = json.loads(json.dumps(config, default=str))
@@ -209,7 +326,7 @@ def check_config(run_dir: Path, config: dict) -> None:
                                    f"output_dir (override: output_dir=...), or delete that run folder")
             log.warning("%s: replacing the config of a run that never finished or checkpointed a stage", run_dir)
             if previous.get("model") != current["model"]:
-                shutil.rmtree(Path(run_dir) / "base", ignore_errors=True)  # a tiny base cervl built for the old model
+                shutil.rmtree(layout.base, ignore_errors=True)  # a tiny base cervl built for the old model
     write_json(saved, config)
 
 
@@ -222,7 +339,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+        self.path = Layout(run_dir).lock
         self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -272,7 +389,7 @@ class RunLock:
             self.fd = None
 
 
-def base_entry(spec_name: str, run_dir: Path) -> dict:
+def base_entry(spec_name: str, run_dir: Path) -> StageRecord:
     """The lineage entry of a run's starting weights."""
     if spec_name in TINY_PRESETS:
         weights = "base"  # built once and saved in the run, so resume and reload are exact
@@ -281,21 +398,22 @@ def base_entry(spec_name: str, run_dir: Path) -> dict:
     else:
         local = Path(spec_name)
         weights = relative(run_dir, local) if local.exists() else spec_name  # a folder, or a hub id
-    return {"stage": "base", "kind": "base", "source": spec_name, "weights": weights}
+    return StageRecord(stage="base", kind="base", source=spec_name, weights=weights)
 
 
-def base_weights(entry: dict, run_dir: Path) -> Path | str:
+def base_weights(entry: StageRecord | dict, run_dir: Path) -> Path | str:
     """Where a base entry's weights are: the package's tiny base, a folder, or a hub id."""
-    if entry.get("source") == "pretrained-tiny":
+    entry = StageRecord.from_dict(entry)
+    if entry.source == "pretrained-tiny":
         if not (TINY_BASE / "model.safetensors").is_file():
             raise InputNotFound(f"the shipped tiny base is missing at {TINY_BASE}; rebuild it with `cervl pretrain-tiny`")
         return TINY_BASE
-    stored = entry["weights"]
+    stored = entry.weights
     path = resolve(run_dir, stored)
     return path if path.exists() else stored
 
 
-def apply_stage(model, entry: dict, run_dir: Path | None = None):
+def apply_stage(model, entry: StageRecord | dict, run_dir: Path | None = None):
     """Bring ``model`` to the state right after the stage of ``entry`` (a lineage entry).
 
     LoRA stages: load the adapter, merge it, then copy the non-LoRA weights the stage trained
@@ -306,11 +424,12 @@ def apply_stage(model, entry: dict, run_dir: Path | None = None):
     from safetensors.torch import load_file
     from safetensors.torch import load_model as load_safetensors
 
+    entry = StageRecord.from_dict(entry)
     root = Path(run_dir) if run_dir is not None else Path(".")
-    if entry["kind"] == "lora":
+    if entry.kind == "lora":
         from peft import PeftModel
 
-        adapter = resolve(root, entry["adapter"])
+        adapter = resolve(root, entry.adapter)
         if not (adapter / "adapter_model.safetensors").is_file():
             found = sorted(p.name for p in adapter.iterdir()) if adapter.is_dir() else "no such folder"
             raise InvalidInput(f"{adapter}: no adapter_model.safetensors ({found}); cervl loads safetensors "
@@ -325,10 +444,10 @@ def apply_stage(model, entry: dict, run_dir: Path | None = None):
                         raise InvalidInput(f"{extra}: parameter {name} is not in the model")
                     params[name].copy_(tensor)
         return model
-    if entry["kind"] == "full":
-        load_safetensors(model, str(resolve(root, entry["weights"]) / "model.safetensors"))
+    if entry.kind == "full":
+        load_safetensors(model, str(resolve(root, entry.weights) / "model.safetensors"))
         return model
-    raise InvalidInput(f"lineage entry of stage {entry.get('stage')!r} has unknown kind {entry.get('kind')!r}")
+    raise InvalidInput(f"lineage entry of stage {entry.stage!r} has unknown kind {entry.kind!r}")
 
 
 def save_final(model, processor, meta: RunMeta, run_dir: Path) -> Path:

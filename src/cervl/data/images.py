@@ -71,6 +71,13 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
         raise ImageError(f"{_name(source)}: cannot decode image: {e}") from None
 
 
+def file_hash(path) -> str:
+    """An image file's identity for caches (the vision cache's key): a hash of its bytes."""
+    import hashlib
+
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) after the EXIF orientation, from the header only (fast)."""
     with Image.open(path) as im:

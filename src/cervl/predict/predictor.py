@@ -167,10 +167,10 @@ class Predictor:
         Non-LoRA weights the stage trained (``extra_trainables.safetensors``) are applied too.
         """
         from cervl.models import load_model
-        from cervl.run import apply_stage
+        from cervl.run import StageRecord, apply_stage
 
         model, processor = load_model(base, dtype=dtype)
-        model = apply_stage(model, {"stage": "adapter", "kind": "lora", "adapter": str(Path(adapter).resolve())})
+        model = apply_stage(model, StageRecord(stage="adapter", kind="lora", adapter=str(Path(adapter).resolve())))
         return cls(model, processor, prompt, label_set)
 
     def score(self, images: list, *, batch_size: int = 8, normalize: str = "sum") -> np.ndarray:

@@ -415,9 +415,10 @@ def _authorized(request, key: str) -> bool:
 
 def run_summary(run_dir: Path) -> dict:
     """What ``GET /v1/model`` reports about a run folder."""
-    from cervl.run import RunMeta
+    from cervl.run import RunMeta, StageRecord
 
     meta = RunMeta.read(Path(run_dir))
-    return {"run": str(run_dir), "base_model": meta.lineage[0].get("source") if meta.lineage else None,
-            "lineage": [{k: e.get(k) for k in ("stage", "kind", "rank", "label_set", "prompt", "steps")}
-                        for e in meta.lineage]}
+    lineage = [StageRecord.from_dict(e) for e in meta.lineage]
+    return {"run": str(run_dir), "base_model": lineage[0].source if lineage else None,
+            "lineage": [{"stage": r.stage, "kind": r.kind, "rank": r.rank, "label_set": r.label_set,
+                         "prompt": r.prompt, "steps": r.steps} for r in lineage]}
