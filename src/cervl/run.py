@@ -474,7 +474,9 @@ def save_final(model, processor, meta: RunMeta, run_dir: Path) -> Path:
 
 def remove_checkpoints(stage_folder: Path) -> None:
     """A finished stage's checkpoints (its output replaces them); they are cervl's own files."""
-    for name in ("checkpoint", ".checkpoint.old", ".checkpoint.tmp"):
+    from cervl.checkpoint import CKPT
+
+    for name in (CKPT, f".{CKPT}.old", f".{CKPT}.tmp"):
         shutil.rmtree(Path(stage_folder) / name, ignore_errors=True)
 
 
