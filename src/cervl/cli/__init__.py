@@ -176,17 +176,26 @@ def _run_predict(args) -> int:
     if args.engine == "ray":
         from cervl.cli import scale
 
+        if args.compound_from_basic:
+            raise UserError("--compound-from-basic runs on the local engine only (drop --engine ray)")
         return scale.predict(args, items, videos, {"detector": args.detector, "options": _detector_options(args)},
                              _tracking(args))
     if args.format != "jsonl":
         raise UserError("--format parquet needs --engine ray (the local engine writes JSON Lines)")
     predictor = Predictor.from_run(args.run)
+    if args.compound_from_basic:  # a basic-emotion run, answering in a compound label set
+        from cervl.predict.pairwise import PairwisePredictor
+
+        predictor = PairwisePredictor(predictor, args.compound_from_basic)
     if items and args.align:
         align_items(items, detector=args.detector, detector_options=_detector_options(args), workers=args.workers)
     rows = list(predictor.predict(items, mode=args.mode, batch_size=args.batch_size, normalize=args.normalize))
     rows += _predict_videos(args, predictor, videos)
-    write_predictions(args.out, rows, prediction_meta(args.run, predictor.label_set, predictor.style, mode=args.mode,
-                                                      normalize=args.normalize, manifest=args.manifest))
+    meta = prediction_meta(args.run, predictor.label_set, predictor.style, mode=args.mode, normalize=args.normalize,
+                           manifest=args.manifest)
+    if args.compound_from_basic:
+        meta["compound_from_basic"] = predictor.basic.label_set.name
+    write_predictions(args.out, rows, meta)
     unreadable = sum(1 for r in rows if r.get("error") and "face" not in r)
     no_face = sum(1 for r in rows if r.get("error") and "face" in r)
     invalid = sum(1 for r in rows if r["pred"] is None and not r.get("error"))

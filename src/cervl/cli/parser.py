@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score mode: sum (default) or mean log-likelihood over the answer tokens")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--align", action="store_true", help="detect and align faces in photos before predicting")
+    p.add_argument("--compound-from-basic", nargs="?", const="rafdb-compound", metavar="LABEL_SET",
+                   help="a basic-emotion run answers in a compound label set (default rafdb-compound): "
+                        "P(A and B) proportional to p_A * p_B, renormalised (the pair-wise baseline)")
     _face_options(p)
     p.add_argument("--frames-as-video", action="store_true", help="treat each input folder as one video's frames")
     p.add_argument("--every", type=int, default=1, help="videos: predict every Nth frame")
