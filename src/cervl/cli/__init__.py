@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cervl.cli.interrupt import kept_after_interrupt
+from cervl.cli.data import run_compose, run_prepare, run_synth
 from cervl.cli.parser import build_parser
 from cervl.errors import UserError
 
@@ -23,47 +24,6 @@ log = logging.getLogger("cervl")
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _counts(d: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(d.items(), key=lambda kv: str(kv[0])))
-
-
-# --- data ------------------------------------------------------------------------------------
-
-def _run_synth(args) -> int:
-    from cervl.data.synth import SUBSETS, generate
-
-    subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
-    if [s for s in subsets if s not in SUBSETS] or args.per_class < 1:
-        raise UserError(f"--subsets must be drawn from {list(SUBSETS)}, --per-class >= 1 (got {args.subsets!r}, "
-                        f"{args.per_class})")
-    summary = generate(args.out, per_class=args.per_class, seed=args.seed, test_fraction=args.test_fraction,
-                       subsets=subsets, original_size=args.original_size, aligned_size=args.size, workers=args.workers)
-    for subset, info in summary["subsets"].items():
-        print(f"{subset}: {info['samples']} samples ({info['train']} train, {info['test']} test) in "
-              f"{args.out / subset}; sample sheet {args.out / f'sample_sheet_{subset}.png'}")
-    print(f"{summary['samples_per_second']:.0f} samples/s ({2 * summary['samples_per_second']:.0f} images/s, "
-          f"original + aligned) with {args.workers} worker(s)")
-    return 0
-
-
-def _run_prepare(args) -> int:
-    from cervl.data.prepare import prepare_dataset
-
-    res = prepare_dataset(args.dataset, args.root, args.out, skip_bad=args.skip_bad, val_fraction=args.val_fraction,
-                          check_images=args.check_images, subset=args.subset, variant=args.variant,
-                          annotations=args.annotations, frames=args.frames, every=args.every,
-                          label_set=args.label_set, split=args.split)
-    print(f"wrote {res.records} records to {res.manifest} ({_counts(res.splits)})")
-    print(f"labels: {_counts(res.labels)}")
-    if res.missing_frames:
-        print(f"{res.missing_frames} annotated frames had no image file and are not in the manifest")
-    if res.duplicates_dropped:
-        print(f"dropped {res.duplicates_dropped} exact duplicate samples")
-    if res.bad.total:
-        print(res.bad.summary() + (f"; first offenders in {res.sidecar}" if res.sidecar else ""))
-    return 0
 
 
 def _run_align(args) -> int:
@@ -313,7 +273,8 @@ def _tracking(args) -> dict:
     return {"redetect_every": args.redetect_every, "verify_every": args.verify_every}
 
 
-COMMANDS = {"synth": _run_synth, "prepare": _run_prepare, "align": _run_align, "train": _run_train,
+COMMANDS = {"synth": run_synth, "prepare": run_prepare, "compose": run_compose, "align": _run_align,
+            "train": _run_train,
             "predict": _run_predict, "abaw": _run_abaw, "eval": _run_eval, "compare": _run_compare,
             "ablate": _run_ablate, "serve": _run_serve, "labels": _run_labels, "demo": _run_demo,
             "pretrain-tiny": _run_pretrain_tiny}

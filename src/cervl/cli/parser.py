@@ -113,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check-images", dest="check_images", action="store_false",
                    help="do not open every image to check it decodes (faster on huge frame sets)")
 
+    p = add("compose", help="make compound training faces from basic-labelled aligned faces (no compound labels)",
+            description="Region mode joins the upper face of one emotion to the lower face of another at a feathered "
+                        "seam (which goes above: from the AU prototypes); mixup blends two whole faces. Writes "
+                        "OUT/images/, OUT/manifest.jsonl (provenance per record), OUT/compose.json, a sample sheet.")
+    p.add_argument("manifest", type=Path, help="basic-labelled manifest of aligned crops (or records with landmarks)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (new, empty, or an earlier compose)")
+    p.add_argument("--label-set", default="rafdb-compound", help="target compound label set (rafdb-compound, cexprdb)")
+    p.add_argument("--mode", default="region", choices=["region", "mixup"])
+    p.add_argument("--per-class", type=int, default=120, help="composed images per compound class (default 120)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", action="append", help="input split(s) to draw faces from (default: train)")
+    p.add_argument("--feather", type=float, default=12.0, help="region: seam width in pixels of the 112-px crop")
+    p.add_argument("--mix", default="0.4,0.6", help="mixup: range of the first face's weight, LOW,HIGH")
+    p.add_argument("--size", type=int, default=112, help="output crop size (default 112)")
+    p.add_argument("--workers", type=int, default=1, help="processes (output is identical for any value)")
+
     p = add("align", help="detect faces and write 5-point aligned crops plus a manifest",
             description="INPUT is a folder of images or a manifest (known landmarks are used instead of "
                         "detection), a video file, or with --videos a folder of videos and frame folders "

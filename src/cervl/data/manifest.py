@@ -55,6 +55,8 @@ class Record:
     aus: dict[str, float] | None = None
     variant: str | None = None
     source: str | None = None
+    subject: str | None = None  # who the face belongs to, where the dataset says (pairs faces of one person)
+    provenance: dict | None = None  # how a made sample was made (cervl compose, cervl pseudo-label)
 
     @property
     def sample_id(self) -> str:
@@ -87,7 +89,7 @@ def validate_record(raw: Any, *, file: str | os.PathLike | None = None, line: in
     for key in _REQUIRED:
         if raw.get(key) in (None, ""):
             raise fail(key, "missing required field")
-    for key in ("image", "label_set", "split", "dataset", "root", "id", "video", "source"):
+    for key in ("image", "label_set", "split", "dataset", "root", "id", "video", "source", "subject"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise fail(key, f"expected a string, got {raw[key]!r}")
     try:
@@ -116,6 +118,8 @@ def validate_record(raw: Any, *, file: str | os.PathLike | None = None, line: in
     aus = raw.get("aus")
     if aus is not None and not (isinstance(aus, dict) and all(isinstance(k, str) and _is_number(v) for k, v in aus.items())):
         raise fail("aus", "expected an object mapping AU names to numbers")
+    if raw.get("provenance") is not None and not isinstance(raw["provenance"], dict):
+        raise fail("provenance", f"expected an object, got {raw['provenance']!r}")
     variant = raw.get("variant")
     if variant is not None and variant not in VARIANTS:
         raise fail("variant", f"{variant!r} is not one of {VARIANTS}")
