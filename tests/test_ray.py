@@ -313,3 +313,15 @@ def test_the_driver_joins_200k_rows_without_holding_them(tmp_path):
     assert seen == len(lines) == 200_000 and lines[-1].startswith('{"id": "99-1999"')
     assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"  # one shard of 2,000 rows, not 200,000
     assert not (tmp_path / "out.jsonl.parts").exists()
+
+
+def test_pseudo_label_on_ray_equals_the_local_engine(demo, tmp_path, cluster):
+    man = demo / "m" / "synthce-compound-aligned.jsonl"
+    common = ["--run", demo / "run", "--manifest", man, "--threshold", "0.05", "--window", "0"]
+    res = cervl("pseudo-label", *common, "-o", tmp_path / "local.jsonl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = cervl("pseudo-label", *common, "-o", tmp_path / "ray.jsonl", "--engine", "ray", "--shard-size", "8",
+                address=cluster)
+    assert res.returncode == 0, res.stderr[-3000:]
+    local, remote = (tmp_path / "local.jsonl").read_text(), (tmp_path / "ray.jsonl").read_text()
+    assert remote == local and len(local.splitlines()) > 0

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from cervl.cli.interrupt import kept_after_interrupt
-from cervl.cli.data import run_compose, run_prepare, run_synth
+from cervl.cli.data import run_compose, run_prepare, run_pseudo_label, run_synth
 from cervl.cli.parser import build_parser
 from cervl.errors import UserError
 
@@ -277,7 +277,7 @@ COMMANDS = {"synth": run_synth, "prepare": run_prepare, "compose": run_compose, 
             "train": _run_train,
             "predict": _run_predict, "abaw": _run_abaw, "eval": _run_eval, "compare": _run_compare,
             "ablate": _run_ablate, "serve": _run_serve, "labels": _run_labels, "demo": _run_demo,
-            "pretrain-tiny": _run_pretrain_tiny}
+            "pretrain-tiny": _run_pretrain_tiny, "pseudo-label": run_pseudo_label}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,3 +67,35 @@ def run_compose(args) -> int:
     if s["bad_inputs"]:
         print(f"skipped {sum(s['bad_inputs'].values())} unreadable input images: {_counts(s['bad_inputs'])}")
     return 0
+
+
+def run_pseudo_label(args) -> int:
+    from cervl.pseudo import pseudo_label
+
+    rows = None
+    if args.engine == "ray":  # the frames are scored on the cluster, then selected here
+        rows = _ray_rows(args)
+    s = pseudo_label(args.run, args.manifest, args.out, splits=args.split, threshold=args.threshold,
+                     window=args.window, batch_size=args.batch_size, rows=rows, truth_from=args.truth)
+    print(f"kept {s['kept']} of {s['scored']} scored frames as compound labels in {args.out}"
+          + (f" ({s['unscored']} could not be scored)" if s["unscored"] else ""))
+    print(f"per class: {_counts(s['per_class'])}")
+    print("threshold  kept   coverage" + ("  precision" if "precision" in s["coverage"][0] else ""))
+    for r in s["coverage"]:
+        prec = f"  {r['precision']:.2%}" if r.get("precision") is not None else ("  -" if "precision" in r else "")
+        print(f"{r['threshold']:9.2f}  {r['kept']:5d}  {r['coverage']:8.2%}{prec}")
+    return 0
+
+
+def _ray_rows(args) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    from cervl.cli.scale import ray_options
+    from cervl.predict.predictor import items_from_manifest
+    from cervl.scale.pipeline import PredictJob, ray_predict
+
+    scores = Path(f"{args.out}.scores.jsonl")  # kept: a re-run resumes from its shards
+    job = PredictJob(args.run, items_from_manifest(args.manifest, args.split), [], batch_size=args.batch_size)
+    ray_predict(job, scores, ray_options(args))
+    return [json.loads(line) for line in scores.read_text().splitlines()]

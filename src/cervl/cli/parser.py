@@ -129,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=112, help="output crop size (default 112)")
     p.add_argument("--workers", type=int, default=1, help="processes (output is identical for any value)")
 
+    p = add("pseudo-label", help="label basic-labelled or unlabelled frames with a trained compound run",
+            description="Keeps a frame as compound class C when C's components include its annotated basic emotion "
+                        "(if any), p(C) >= --threshold, and C is the top class of every frame within --window frames "
+                        "of it in the same video. Prints per-class counts and the coverage at several thresholds.")
+    p.add_argument("--run", required=True, type=Path, help="a compound run (cervl train)")
+    p.add_argument("--manifest", required=True, type=Path, help="the frames: basic-labelled (Aff-Wild2) or unlabelled")
+    p.add_argument("--split", action="append", help="manifest split(s) (default: all)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="the pseudo-labelled manifest (.jsonl)")
+    p.add_argument("--threshold", type=float, default=0.7, help="smallest p(C) kept (default 0.7)")
+    p.add_argument("--window", type=int, default=2, help="frames on each side that must agree (default 2; 0: off)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--truth", type=Path, help="a manifest of the same images with true compound labels: report "
+                   "precision too (for measuring, e.g. on SynthCE)")
+    _ray_options(p)
+
     p = add("align", help="detect faces and write 5-point aligned crops plus a manifest",
             description="INPUT is a folder of images or a manifest (known landmarks are used instead of "
                         "detection), a video file, or with --videos a folder of videos and frame folders "
