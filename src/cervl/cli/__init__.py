@@ -122,11 +122,10 @@ def _run_pretrain_tiny(args) -> int:
 
 def _run_predict(args) -> int:
     from cervl.faces.video import is_video
-    from cervl.predict import Predictor, write_predictions
-    from cervl.run import RunMeta
+    from cervl.predict import write_predictions
     from cervl.predict.predictor import align_items, items_from_manifest, items_from_paths, prediction_meta
 
-    RunMeta.read(args.run)  # a missing or unfinished run is the first thing to report, before any input
+    _check_model_choice(args)  # a missing or unfinished run is the first thing to report, before any input
     is_vid = [(p.is_file() and is_video(p)) or (p.is_dir() and args.frames_as_video) for p in args.inputs]
     videos = [p for p, v in zip(args.inputs, is_vid) if v]
     items = items_from_manifest(args.manifest, args.split) if args.manifest else []
@@ -136,13 +135,13 @@ def _run_predict(args) -> int:
     if args.engine == "ray":
         from cervl.cli import scale
 
-        if args.compound_from_basic:
-            raise UserError("--compound-from-basic runs on the local engine only (drop --engine ray)")
+        if args.compound_from_basic or args.model:
+            raise UserError("--compound-from-basic and --model run on the local engine only (drop --engine ray)")
         return scale.predict(args, items, videos, {"detector": args.detector, "options": _detector_options(args)},
                              _tracking(args))
     if args.format != "jsonl":
         raise UserError("--format parquet needs --engine ray (the local engine writes JSON Lines)")
-    predictor = Predictor.from_run(args.run)
+    predictor = _load_predictor(args)
     if args.compound_from_basic:  # a basic-emotion run, answering in a compound label set
         from cervl.predict.pairwise import PairwisePredictor
 
@@ -151,8 +150,8 @@ def _run_predict(args) -> int:
         align_items(items, detector=args.detector, detector_options=_detector_options(args), workers=args.workers)
     rows = list(predictor.predict(items, mode=args.mode, batch_size=args.batch_size, normalize=args.normalize))
     rows += _predict_videos(args, predictor, videos)
-    meta = prediction_meta(args.run, predictor.label_set, predictor.style, mode=args.mode, normalize=args.normalize,
-                           manifest=args.manifest)
+    meta = prediction_meta(args.run or f"zero-shot:{args.model}", predictor.label_set, predictor.style,
+                           mode=args.mode, normalize=args.normalize, manifest=args.manifest)
     if args.compound_from_basic:
         meta["compound_from_basic"] = predictor.basic.label_set.name
     write_predictions(args.out, rows, meta)
@@ -224,7 +223,6 @@ def _run_compare(args) -> int:
 def _run_serve(args) -> int:
     import os
 
-    from cervl.predict import Predictor
     from cervl.serve import check_exposure, serve
     from cervl.serve.app import ServeSettings, run_summary
 
@@ -238,11 +236,33 @@ def _run_serve(args) -> int:
                              max_body_bytes=args.max_body_mb * 2**20, max_video_seconds=args.max_video_seconds,
                              request_timeout_s=args.timeout, max_request_pixels=int(args.max_request_mp * 1e6),
                              max_inflight_pixels=int(args.max_inflight_mp * 1e6), max_video_jobs=args.max_video_jobs)
-    predictor = Predictor.from_run(args.run)
-    print(f"serving {args.run} on http://{args.host}:{args.port} (page: /, API docs: /docs)")
-    serve(predictor, host=args.host, port=args.port, settings=settings, run_info=run_summary(args.run),
+    _check_model_choice(args)
+    predictor = _load_predictor(args)
+    info = run_summary(args.run) if args.run else {"base_model": args.model, "lineage": [], "run": None}
+    print(f"serving {args.run or args.model} on http://{args.host}:{args.port} (page: /, API docs: /docs)")
+    serve(predictor, host=args.host, port=args.port, settings=settings, run_info=info,
           insecure_no_auth=args.insecure_no_auth)
     return 0
+
+
+def _check_model_choice(args) -> None:
+    """Exactly one of --run (a trained run) and --model (zero-shot); a run must exist and be finished."""
+    from cervl.run import RunMeta
+
+    if bool(args.run) == bool(args.model):
+        raise UserError("give --run RUN (a run written by cervl train) or --model NAME (a base model, zero-shot), "
+                        "not both" if args.run else "give --run RUN (a run written by cervl train) or --model NAME "
+                        "(a base model, zero-shot)")
+    if args.run:
+        RunMeta.read(args.run)
+
+
+def _load_predictor(args):
+    from cervl.predict import Predictor
+
+    if args.run:
+        return Predictor.from_run(args.run)
+    return Predictor.from_model(args.model, prompt=args.prompt, label_set=args.zs_label_set)
 
 
 def _run_labels(args) -> int:

@@ -31,6 +31,14 @@ def _face_options(p, *, video: bool = True) -> None:
                        "frames; optical flow in between (1 = O-Net on every frame)")
 
 
+def _zero_shot_options(p) -> None:
+    """--model/--prompt/--label-set: score with a base model and no run folder (instead of --run)."""
+    g = p.add_argument_group("zero-shot (instead of --run)")
+    g.add_argument("--model", help="a base model: hub id, local folder, or pretrained-tiny (the shipped tiny base)")
+    g.add_argument("--prompt", default="minimal", help="prompt style with --model (minimal, context, au-caption)")
+    g.add_argument("--label-set", dest="zs_label_set", default="rafdb-compound", help="label set with --model")
+
+
 def _ray_options(p, *, output_format: bool = False) -> None:
     """--engine ray and its options (predict, align, abaw); see README "Scale out"."""
     g = p.add_argument_group("scale-out (Ray)")
@@ -168,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="train without the images that fail the pre-flight check")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
-    p = add("predict", help="predict expressions with a trained run (score or generate mode)")
+    p = add("predict", help="predict expressions with a trained run, or zero-shot with a base model")
     p.add_argument("inputs", nargs="*", type=Path, help="image files, folders of images, or videos")
-    p.add_argument("--run", required=True, type=Path, help="run directory written by cervl train")
+    p.add_argument("--run", type=Path, help="run directory written by cervl train")
+    _zero_shot_options(p)
     p.add_argument("--manifest", type=Path, help="predict the records of a manifest")
     p.add_argument("--split", action="append", help="manifest split(s) to predict (default: all)")
     p.add_argument("--mode", default="score", choices=["score", "generate"])
@@ -217,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", type=Path, help="ablation YAML, e.g. configs/ablation-quickstart.yaml")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
-    p = add("serve", help="serve a trained run over HTTP: REST API, web page, metrics")
-    p.add_argument("--run", required=True, type=Path)
+    p = add("serve", help="serve a trained run (or, zero-shot, a base model) over HTTP: REST API, web page, metrics")
+    p.add_argument("--run", type=Path, help="run directory written by cervl train")
+    _zero_shot_options(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--align", action="store_true",

@@ -160,6 +160,17 @@ class Predictor:
         return cls(model, processor, meta.style, meta.labels)
 
     @classmethod
+    def from_model(cls, name_or_path: str, *, prompt: str, label_set: str, dtype: str | None = None) -> "Predictor":
+        """A base model with no run folder (zero-shot): a hub id, a local folder, or ``pretrained-tiny`` (the
+        package's tiny base), scored with ``prompt`` over ``label_set`` by the same exact scorer. Errors name
+        the model when it cannot be loaded (offline, a typo, gated)."""
+        from cervl.models import TINY_BASE, load_model
+
+        style, labels = get_prompt_style(prompt), get_label_set(label_set)  # bad names fail before the model loads
+        model, processor = load_model(TINY_BASE if name_or_path == "pretrained-tiny" else name_or_path, dtype=dtype)
+        return cls(model, processor, style, labels)
+
+    @classmethod
     def from_adapter(cls, base: str, adapter: str, *, prompt: str, label_set: str,
                      dtype: str | None = None) -> "Predictor":
         """A base model (hub id or folder) plus a peft adapter folder written by cervl, merged for inference.
