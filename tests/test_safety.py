@@ -427,8 +427,11 @@ def test_two_trainers_finding_a_dead_holder_take_the_lock_once(tmp_path):
     # 19.4: both used to unlink the stale file and both create a new one, so both trained into one folder
     run = tmp_path / "run"
     run.mkdir()
-    for _ in range(5):
-        (run / ".lock").write_text(json.dumps({"pid": 999999, "host": socket.gethostname(), "since": "then"}))
+    # a dead holder's record, and an empty file (a trainer killed while writing it: the old code refused both
+    # starters forever, "exists and is unreadable")
+    stale = [json.dumps({"pid": 999999, "host": socket.gethostname(), "since": "then"})] * 4 + [""] * 2
+    for content in stale:
+        (run / ".lock").write_text(content)
         start = time.time() + 1.5  # both wake at the same moment, after their imports
         procs = [subprocess.Popen([sys.executable, "-c", TAKE_LOCK, str(run), str(start)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
