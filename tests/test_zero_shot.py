@@ -1,6 +1,7 @@
 """Zero-shot scoring with a base model and no run folder (issue 22, item 3)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ from cervl.predict.predictor import items_from_paths
 
 
 def cervl(*args):
+    # offline, as tests must be: an unknown hub id fails at once instead of after the hub client's retries
     return subprocess.run([sys.executable, "-m", "cervl.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_zero_shot_predict_equals_a_predictor_built_by_hand(tmp_path):
