@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi_offline import FastAPIOffline
 from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cervl.data.images import ImageError, to_rgb
 from cervl.serve.batcher import MicroBatcher, ModelWorker, PixelBudget, SerialPredictor
