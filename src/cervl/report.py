@@ -112,7 +112,7 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def _html_page(title: str, markdown_tables: list[tuple[str, str]], images: list[Path]) -> str:
+def _html_page(title: str, markdown_tables: list[tuple[str, str]], images: list[Path], sections: list[str] = ()) -> str:
     """A dependency-free HTML page: tables rendered from our own markdown, PNGs inlined as base64."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
@@ -129,12 +129,13 @@ def _html_page(title: str, markdown_tables: list[tuple[str, str]], images: list[
     for img in images:
         data = base64.b64encode(img.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(img.stem.replace('_', ' '))}</h2><img src='data:image/png;base64,{data}'>")
+    parts += list(sections)  # ready-made HTML (cervl explain's "Where the model looks")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def write_report(out: str | Path, metrics: dict, classes: list[str], *, title: str = "cervl evaluation",
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, sections: list[str] = ()) -> Path:
     """Write metrics.json, confusion/per-class(/reliability) PNGs, report.md and report.html into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def write_report(out: str | Path, metrics: dict, classes: list[str], *, title: s
     md = f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{t}" for h, t in tables) + "\n\n" + "\n".join(
         f"![{p.stem}]({p.name})" for p in images) + "\n"
     atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "report.html", _html_page(title, tables, images))
+    atomic_write_text(out / "report.html", _html_page(title, tables, images, sections))
     return out / "report.html"
 
 
@@ -219,8 +220,12 @@ def _delta(v, ref):
     return f"{v - ref:+.4f}"
 
 
-def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | None = None, title: str | None = None) -> dict:
-    """Compute metrics from a predictions file and write the report folder; returns the metrics."""
+def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | None = None, title: str | None = None,
+                         explain: str | Path | None = None) -> dict:
+    """Compute metrics from a predictions file and write the report folder; returns the metrics.
+
+    ``explain``: a ``cervl explain --manifest`` folder whose "Where the model looks" section joins the report.
+    """
     from cervl.labels import get_label_set
     from cervl.metrics import summarize
 
@@ -259,7 +264,14 @@ def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | 
         probs = np.array([[r["probs"][c] for c in ls.classes] for r in labelled])
     metrics = summarize(y_true, y_pred, len(ls), probs)
     metrics["errors"] = sum(1 for r in rows if r.get("error"))
+    sections = []
+    if explain is not None:
+        section = Path(explain) / "where_it_looks.html"
+        if not section.is_file():
+            raise InputNotFound(f"--explain {explain}: no where_it_looks.html there (write it with cervl explain "
+                                f"--manifest M -o {explain})")
+        sections.append(section.read_text())
     html = write_report(out, metrics, list(ls.classes), title=title or f"cervl evaluation: {path.name}",
-                        extra={"predictions": str(path), **meta})
+                        extra={"predictions": str(path), **meta}, sections=sections)
     metrics["report"] = str(html)
     return metrics

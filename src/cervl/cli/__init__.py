@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cervl.cli.interrupt import kept_after_interrupt
 from cervl.cli.data import run_compose, run_prepare, run_pseudo_label, run_synth
+from cervl.cli.explain import run_explain
 from cervl.cli.parser import build_parser
 from cervl.errors import UserError
 
@@ -205,7 +206,8 @@ def _run_abaw(args) -> int:
 def _run_eval(args) -> int:
     from cervl.report import evaluate_predictions
 
-    m = evaluate_predictions(args.predictions, args.out, label_set=args.label_set, title=args.title)
+    m = evaluate_predictions(args.predictions, args.out, label_set=args.label_set, title=args.title,
+                             explain=args.explain)
     print(f"accuracy {m['accuracy']:.2%}, macro-F1 {m['macro_f1']:.3f}, invalid {m['invalid_rate']:.2%} "
           f"(n={m['n']}); report: {m['report']}")
     return 0
@@ -297,7 +299,8 @@ COMMANDS = {"synth": run_synth, "prepare": run_prepare, "compose": run_compose, 
             "train": _run_train,
             "predict": _run_predict, "abaw": _run_abaw, "eval": _run_eval, "compare": _run_compare,
             "ablate": _run_ablate, "serve": _run_serve, "labels": _run_labels, "demo": _run_demo,
-            "pretrain-tiny": _run_pretrain_tiny, "pseudo-label": run_pseudo_label}
+            "pretrain-tiny": _run_pretrain_tiny, "pseudo-label": run_pseudo_label,
+            "explain": run_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,6 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, type=Path, help="predictions JSONL")
     _ray_options(p, output_format=True)
 
+    p = add("explain", help="saliency maps: where on the face each class's probability comes from",
+            description="Per image: OUT/<id>.png (the face, then its classes' maps) and OUT/<id>.npz. With a labelled "
+                        "--manifest also the mean map per true class, the most-confused pairs' difference maps and "
+                        "OUT/where_it_looks.html (embed it with cervl eval --explain OUT).")
+    p.add_argument("inputs", nargs="*", type=Path, help="image files, folders of images, or videos")
+    p.add_argument("--run", type=Path, help="run directory written by cervl train")
+    _zero_shot_options(p)
+    p.add_argument("--manifest", type=Path, help="explain the records of a manifest")
+    p.add_argument("--split", action="append", help="manifest split(s) (default: all)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+    p.add_argument("--method", default="occlusion", help="occlusion (exact, default) or gradient (cheap)")
+    p.add_argument("--classes", nargs="+", default=["top2"], metavar="CLASS",
+                   help="top2 (default), all, or class names to explain")
+    p.add_argument("--patch", type=int, help="occlusion patch side in pixels (default 24 on a 112-px crop, scaled)")
+    p.add_argument("--stride", type=int, help="occlusion stride in pixels (default 8 on a 112-px crop, scaled)")
+    p.add_argument("--batch-size", type=int, default=64, help="occluded images per model call")
+    p.add_argument("--align", action="store_true", help="detect and align faces in photos first")
+    p.add_argument("--every", type=int, default=1, help="videos: explain every Nth frame")
+    p.add_argument("--au-check", action="store_true", help="SynthCE only: score the maps against the generator's "
+                   "action-unit regions (pointing game, energy ratio)")
+    _face_options(p)
+
     p = add("abaw", help="ABAW compound-expression submission file for a folder of C-EXPR-DB videos",
             description="ROOT holds the test videos or one folder of frames per video. Every frame gets a line "
                         "<video>/<frame:05d>.jpg,<0-6> (1-based frames).")
@@ -216,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, type=Path, help="report folder")
     p.add_argument("--label-set", help="default: from PREDICTIONS.meta.json")
     p.add_argument("--title", default=None)
+    p.add_argument("--explain", type=Path, metavar="DIR", help="add the 'Where the model looks' section of a "
+                   "cervl explain --manifest folder")
 
     p = add("compare", help="compare two or more eval reports side by side (per-class deltas)")
     p.add_argument("reports", nargs="+", type=Path, help="report folders written by cervl eval")

@@ -92,19 +92,27 @@ class LabelScorer:
         self.device = next(model.parameters()).device
 
     def _prefix_state(self):
+        if self._prefix_cache is None:
+            self._prefix_cache = self._encode_prefix()
+        return copy.deepcopy(self._prefix_cache)
+
+    @torch.no_grad()  # the prefix holds no image: a pixel gradient (cervl explain) never flows through it
+    def _encode_prefix(self):
         from transformers import DynamicCache
 
-        if self._prefix_cache is None:
-            ids = torch.tensor([self.prefix], device=self.device)
-            pos = torch.arange(len(self.prefix), device=self.device).view(1, 1, -1).expand(3, 1, -1)
-            cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=ids, position_ids=pos, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
-            self._prefix_cache = cache
-        return copy.deepcopy(self._prefix_cache)
+        ids = torch.tensor([self.prefix], device=self.device)
+        pos = torch.arange(len(self.prefix), device=self.device).view(1, 1, -1).expand(3, 1, -1)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids, position_ids=pos, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        return cache
 
     @torch.no_grad()
     def score_encoded(self, ids: torch.Tensor, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Log-scores (B, K) for a batch of equal-length prompts (same image grid)."""
+        return self.log_scores(ids, pixels, grid)
+
+    def log_scores(self, ids: torch.Tensor, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """:meth:`score_encoded` with autograd on (``pixels`` may require grad: the gradient saliency method)."""
         b, p = ids.shape[0], len(self.prefix)
         if p == 0 or ids[:, :p].tolist() != [self.prefix] * b:
             raise RuntimeError("prompt prefix mismatch; the processor changed the text before the image")
