@@ -160,3 +160,24 @@ def test_api_docs_render_with_no_network(browser, server, tmp_path):
     shot(pg, tmp_path, "docs")
     ctx.close()
     assert outside == [] and "/v1/predict" in paths and "/v1/predict/batch" in paths
+
+
+def test_explain_toggle_overlays_the_map_on_the_photo(page, tmp_path):
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(skdata.astronaut()).save(photo, quality=92)
+    page.check("#align")
+    page.check("#explain")
+    page.set_input_files("#files", str(photo))
+    page.wait_for_selector(".card[data-state='done']", timeout=60000)
+    heat = page.locator(".card .heat")
+    assert heat.count() == 1
+    assert heat.get_attribute("data-class") == page.get_attribute(".card .bars", "data-top")
+    # drawn exactly over the photo, and a loaded PNG
+    canvas_box, heat_box = page.locator(".card canvas").bounding_box(), heat.bounding_box()
+    assert all(abs(canvas_box[k] - heat_box[k]) < 1.5 for k in ("x", "y", "width", "height"))
+    assert page.evaluate("document.querySelector('.card .heat').naturalWidth") == 512
+    assert "model looks" in page.locator("#explain").locator("xpath=..").inner_text()
+    shot(page, tmp_path, "explain")
+    # the header says what the model learned from (this test model: no lineage, no SynthCE notice)
+    assert "trained:" in page.inner_text("[data-testid=trained]")
+    assert page.locator("#notice.hidden").count() == 1

@@ -472,3 +472,45 @@ def test_timeout_is_a_504_and_too_many_batch_images_a_413(predictor):
     with TestClient(create_app(predictor, ServeSettings(max_batch_images=2))) as c:
         r = c.post("/v1/predict/batch", files=[("files", (f"{i}.png", png(), "image/png")) for i in range(3)])
         assert r.status_code == 413 and r.json() == {"error": "3 images exceed the limit of 2 per request"}
+
+
+def test_explain_true_returns_the_predicted_class_map_over_the_photo(client):
+    from skimage import data
+
+    r = client.post("/v1/predict?explain=true", content=face_jpeg(3), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ex = body["explain"]
+    assert ex["class"] == body["pred"] and ex["method"] == "gradient"
+    grid = np.array(ex["grid"])
+    assert grid.shape == (28, 28) and np.isfinite(grid).all() and grid.max() == pytest.approx(1.0, abs=1e-3)
+    layer = Image.open(io.BytesIO(base64.b64decode(ex["overlay"].split(",", 1)[1])))
+    assert layer.mode == "RGBA" and layer.size == (112, 112)
+    assert "explain" not in client.post("/v1/predict", content=face_jpeg(3),
+                                        headers={"Content-Type": "image/jpeg"}).json()
+    bad = client.post("/v1/predict?explain=maybe", content=face_jpeg(3), headers={"Content-Type": "image/jpeg"})
+    assert bad.status_code == 400 and "explain must be true or false" in bad.json()["error"]
+    # aligned: the crop's map is warped back onto the photo, inside the face box
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, "JPEG")
+    r = client.post("/v1/predict?align=true&explain=true", files={"file": ("a.jpg", buf.getvalue(), "image/jpeg")})
+    body = r.json()
+    layer = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["explain"]["overlay"].split(",", 1)[1]))))
+    assert layer.shape == (512, 512, 4)  # the 512-px photo, at most 512 px
+    ys, xs = np.nonzero(layer[..., 3])
+    x0, y0, x1, y1 = body["face"]["box"]
+    assert x0 - 40 <= xs.min() and xs.max() <= x1 + 40 and y0 - 60 <= ys.min() and ys.max() <= y1 + 60
+
+
+def test_model_info_says_what_the_model_was_trained_on():
+    from cervl.serve.explain import SYNTHETIC_NOTICE, trained_on
+
+    demo = {"base_model": "pretrained-tiny", "lineage": [
+        {"stage": "base", "kind": "base"},
+        {"stage": "stage2", "kind": "lora", "label_set": "rafdb-compound",
+         "data": ["/x/runs/demo/manifests/synthce-compound-aligned.jsonl"]}]}
+    t = trained_on(demo)
+    assert t["synthetic"] and t["notice"] == SYNTHETIC_NOTICE and t["trained_on"] == ["synthce-compound-aligned.jsonl"]
+    real = trained_on({"base_model": "Qwen/Qwen2-VL-7B-Instruct", "lineage": [
+        {"stage": "s1", "kind": "lora", "label_set": "rafdb-basic", "data": ["/d/rafdb-basic.jsonl"]}]})
+    assert not real["synthetic"] and real["notice"] is None and "s1 (rafdb-basic, lora)" in real["stages_summary"]

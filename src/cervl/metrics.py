@@ -131,3 +131,18 @@ def summarize(y_true, y_pred, num_classes: int, probs=None) -> dict:
         out.update(top2_accuracy=top_k_accuracy(y_true, probs, 2), mean_confidence=mean_confidence(probs),
                    reliability=reliability(y_true, probs))
     return out
+
+
+def per_au_f1(predicted: list[set], truth: list[set], aus: list[str]) -> dict[str, dict]:
+    """Precision, recall, F1 and support of each AU, from per-sample sets of predicted and true AUs."""
+    out = {}
+    for au in aus:
+        tp = sum(au in p and au in t for p, t in zip(predicted, truth))
+        fp = sum(au in p and au not in t for p, t in zip(predicted, truth))
+        fn = sum(au not in p and au in t for p, t in zip(predicted, truth))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        out[au] = {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+                   "support": tp + fn}
+    return out
+

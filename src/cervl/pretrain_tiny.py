@@ -9,7 +9,7 @@ phases on a SynthCE set of its own (seed 1000, disjoint from the demo's data):
    tower of a tiny random-init Qwen2-VL did not learn: the captioning loss settled on the
    language prior and every image got the same caption. The head is discarded afterwards.
 2. **AU captioning.** The whole model is fine-tuned on AU-description answers ("inner brows raised,
-   lips parted, ...") with the ``au-caption`` prompt (``configs/pretrain-tiny.yaml``), so the
+   lips parted, ...") with the ``au-describe`` prompt (``configs/pretrain-tiny.yaml``), so the
    language model learns to read the image tokens.
 
 The result (safetensors + tokenizer + processor, a few MB) is written to ``--out`` (default
@@ -51,7 +51,8 @@ def vision_warmup(manifests: list[Path], out: Path, *, steps: int = 400, batch_s
     model, processor = build_tiny(preset, seed=seed)
     samples = []
     for m in manifests:
-        samples += load_samples(m, ["train", "val", "test"], get_label_set("rafdb-compound"), need_aus=True)
+        samples += load_samples(m, ["train", "val", "test"], get_label_set("rafdb-compound"), need_aus=True,
+                               need_labels=False)
     ip = processor.image_processor  # min_pixels == max_pixels for tiny presets: a fixed token count
     n_tokens = ip.size["longest_edge"] // ip.patch_size**2 // 4
     head = torch.nn.Linear(model.config.text_config.hidden_size * n_tokens, len(AU_IDS))

@@ -1,7 +1,8 @@
 """Prompt styles: chat messages for one face image plus a label set, and the answer target.
 
 ``PROMPT_STYLES`` is the registry (name -> style); :func:`get_prompt_style` is its factory.
-The answer target is always the canonical class name (or, for ``au-caption``, the AU caption).
+The answer target is the canonical class name; ``au-describe`` answers with the AU caption alone (pretraining)
+and ``au-caption`` with the AU caption, then the class name.
 Styles put every part shared by all samples *before* the image, so prompts share a common
 token prefix whose KV cache can be reused at inference.
 """
@@ -24,7 +25,7 @@ class PromptStyle:
     """Base class; subclasses set ``name`` and implement :meth:`messages`."""
 
     name = ""
-    answers_with = "label"  # "label" (class name) or "aus" (AU caption)
+    answers_with = "label"  # "label" (class name), "aus" (AU caption) or "aus+label" (AU caption, then class name)
 
     def messages(self, label_set: LabelSet) -> list[dict]:
         raise NotImplementedError
@@ -93,10 +94,10 @@ class ContextPrompt(PromptStyle):
         ]
 
 
-class AuCaptionPrompt(PromptStyle):
-    """Describe the active action units; used to pretrain the tiny base model (dense supervision)."""
+class AuDescribePrompt(PromptStyle):
+    """Describe the active action units, nothing else: pretrains the tiny base (dense supervision, no label)."""
 
-    name = "au-caption"
+    name = "au-describe"
     answers_with = "aus"
 
     def messages(self, label_set: LabelSet) -> list[dict]:
@@ -104,14 +105,48 @@ class AuCaptionPrompt(PromptStyle):
 
     def answer(self, label: str | None, aus: dict[str, float] | None = None) -> str:
         if aus is None:
-            raise ValueError("the au-caption prompt needs ground-truth AUs (record field 'aus')")
+            raise ValueError("the au-describe prompt needs ground-truth AUs (record field 'aus')")
         return describe_aus({int(k.removeprefix("AU")): v for k, v in aus.items()})
 
     def corpus(self, label_set: LabelSet) -> list[str]:
         return super().corpus(label_set) + [d for _, d in AUS.values()]
 
 
-PROMPT_STYLES: dict[str, PromptStyle] = {s.name: s for s in (MinimalPrompt(), ContextPrompt(), AuCaptionPrompt())}
+EXPRESSION_MARK = ". Expression: "  # between the AU caption and the class name in an au-caption answer
+
+
+class AuCaptionPrompt(AuDescribePrompt):
+    """Name the active action units, then the label ("<AU caption>. Expression: <class>").
+
+    The answer grounds the label in visible evidence; :mod:`cervl.predict.aucaption` scores it exactly
+    (the greedy caption, then every class's full answer) and reads the AUs back from the caption.
+    """
+
+    name = "au-caption"
+    answers_with = "aus+label"
+
+    def messages(self, label_set: LabelSet) -> list[dict]:
+        options = ", ".join(label_set.classes)
+        return [{"role": "user", "content": [IMAGE, _text(
+            "Describe the facial action units of this face, then name its expression, one of: " + options + ".")]}]
+
+    def answer(self, label: str | None, aus: dict[str, float] | None = None) -> str:
+        if label is None:
+            raise ValueError("an unlabelled record has no answer target")
+        return super().answer(label, aus) + EXPRESSION_MARK + label
+
+    def corpus(self, label_set: LabelSet) -> list[str]:
+        return super().corpus(label_set) + [EXPRESSION_MARK.strip(". ")]
+
+
+def caption_aus(caption: str) -> list[int]:
+    """The AUs an AU caption names (the inverse of :func:`cervl.facs.describe_aus`), in AU order."""
+    text = caption.lower()
+    return [au for au, (_, visible) in AUS.items() if visible.lower() in text]
+
+
+PROMPT_STYLES: dict[str, PromptStyle] = {s.name: s for s in (MinimalPrompt(), ContextPrompt(), AuDescribePrompt(),
+                                                               AuCaptionPrompt())}
 
 
 def get_prompt_style(name: str) -> PromptStyle:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +23,8 @@ import numpy as np  # noqa: E402
 from cervl.data.manifest import atomic_write_text  # noqa: E402
 from cervl.errors import InputNotFound, InvalidInput  # noqa: E402
 from cervl.plotting import PALETTE, legend_outside  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def _save(fig, path: Path) -> Path:
@@ -156,6 +159,11 @@ def write_report(out: str | Path, metrics: dict, classes: list[str], *, title: s
                           [[c, metrics["per_class_accuracy"][i], metrics["per_class_f1"][i],
                             int(np.sum(metrics["confusion"][i]))] for i, c in enumerate(classes)])
     tables = [("Summary", summary), ("Per class", per_class)]
+    if "per_au" in metrics:  # the au-caption mode: the AUs the model named against the manifest's true AUs
+        tables.append(("Action units (au-caption answers vs the manifest's AUs at >= 0.3)", _md_table(
+            ["AU", "F1", "precision", "recall", "support"],
+            [[au, v["f1"], v["precision"], v["recall"], v["support"]] for au, v in metrics["per_au"].items()]
+            + [["mean", metrics["au_macro_f1"], None, None, None]])))
     if extra:
         tables.append(("Run", _md_table(["key", "value"], [[k, json.dumps(v) if not isinstance(v, str) else v]
                                                             for k, v in extra.items()])))
@@ -220,6 +228,26 @@ def _delta(v, ref):
     return f"{v - ref:+.4f}"
 
 
+def _au_metrics(rows: list[dict], manifest: str | None, path: Path) -> dict:
+    """Per-AU F1 of the AUs named by au-caption predictions, against the manifest's true AUs (``aus``)."""
+    from cervl.data.manifest import read_manifest
+    from cervl.facs import AU_IDS, au_key
+    from cervl.metrics import per_au_f1
+
+    if not manifest or not Path(manifest).is_file():
+        log.warning("%s: rows name AUs but the manifest with the true AUs is not at hand (%s); no per-AU F1",
+                    path, manifest)
+        return {}
+    truth = {r.sample_id: r.aus for r in read_manifest(manifest) if r.aus is not None}
+    scored = [r for r in rows if "aus" in r and r["id"] in truth]
+    if not scored:
+        return {}
+    true_sets = [{k for k, v in truth[r["id"]].items() if v >= 0.3} for r in scored]  # describe_aus's threshold
+    per_au = per_au_f1([set(r["aus"]) for r in scored], true_sets, [au_key(a) for a in AU_IDS])
+    present = [v["f1"] for v in per_au.values() if v["support"]]
+    return {"per_au": per_au, "au_macro_f1": float(np.mean(present)) if present else 0.0, "au_n": len(scored)}
+
+
 def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | None = None, title: str | None = None,
                          explain: str | Path | None = None) -> dict:
     """Compute metrics from a predictions file and write the report folder; returns the metrics.
@@ -264,6 +292,8 @@ def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | 
         probs = np.array([[r["probs"][c] for c in ls.classes] for r in labelled])
     metrics = summarize(y_true, y_pred, len(ls), probs)
     metrics["errors"] = sum(1 for r in rows if r.get("error"))
+    if any("aus" in r for r in labelled):
+        metrics.update(_au_metrics(labelled, meta.get("manifest"), path))
     sections = []
     if explain is not None:
         section = Path(explain) / "where_it_looks.html"

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 def source_samples(stage: StageConfig, src, bad: set) -> list[Sample]:
     """One data source's training samples, minus the known-bad images."""
-    need_aus = stage.style.answers_with == "aus"
-    return [s for s in load_samples(src.manifest, src.splits, stage.labels, need_aus=need_aus) if str(s.path) not in bad]
+    answers = stage.style.answers_with  # "label", "aus" (au-describe) or "aus+label" (au-caption)
+    return [s for s in load_samples(src.manifest, src.splits, stage.labels, need_aus=answers != "label",
+                                    need_labels=answers != "aus") if str(s.path) not in bad]
 
 
 def stage_samples(stage: StageConfig, bad: set) -> list[Sample]:

@@ -34,9 +34,9 @@ def load_samples(manifest: str | Path, splits: list[str], label_set: LabelSet, *
                  need_aus: bool = False) -> list[Sample]:
     """Records of ``manifest`` in ``splits``; every label must belong to ``label_set``.
 
-    With ``need_aus`` (AU-caption answers) labels are not used, so they are not checked.
+    ``need_aus``: every record must carry AUs (AU-caption answers); ``need_labels=False``: labels are not
+    used (``au-describe`` answers), so they are not checked.
     """
-    need_labels = need_labels and not need_aus
     if not Path(manifest).is_file():
         demo = "runs/demo/manifests/" in Path(manifest).as_posix()
         raise DataError(f"manifest not found: {manifest}" + ("; `cervl demo --data-only` (or `make demo`) writes the "

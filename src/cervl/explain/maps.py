@@ -63,6 +63,10 @@ class VLMScorer(ImageScorer):
     def __init__(self, predictor, *, batch_size: int = 64, normalize: str = "sum"):
         from cervl.predict.scoring import LabelScorer
 
+        if predictor.style.answers_with != "label":
+            raise InvalidInput(f"explain scores the class name right after the prompt, but the {predictor.style.name!r} "
+                               f"prompt answers with action units first; explain a run trained with 'minimal' or "
+                               f"'context'")
         self.predictor, self.batch_size = predictor, batch_size
         self.scorer = LabelScorer(predictor.model, predictor.processor, predictor.style, predictor.label_set,
                                   normalize=normalize)

@@ -195,7 +195,14 @@ class Predictor:
             raise InvalidInput(f"image {missing[0]} of {len(images)} is None: no face was found there (check the "
                                f"aligner's .status, or .crop is not None, before scoring)")
         if self._scorer is None or self._scorer.normalize != normalize:
-            self._scorer = LabelScorer(self.model, self.processor, self.style, self.label_set, normalize=normalize)
+            if self.style.answers_with == "aus+label":  # AUs first, then the label: see cervl.predict.aucaption
+                from cervl.predict.aucaption import AuCaptionScorer
+
+                self._scorer = AuCaptionScorer(self.model, self.processor, self.style, self.label_set,
+                                               normalize=normalize)
+            else:
+                self._scorer = LabelScorer(self.model, self.processor, self.style, self.label_set,
+                                           normalize=normalize)
         return self._scorer(images, batch_size=batch_size)
 
     def generate(self, images: list, *, max_new_tokens: int = 24) -> list[tuple[str, str | None]]:
@@ -235,13 +242,18 @@ class Predictor:
         if mode == "score":
             probs = self.score(images, batch_size=len(images), normalize=normalize)
             latency = round((time.perf_counter() - t0) / len(items) * 1000, 2)
-            for slot, item, p in zip(slots, items, probs):
+            captions = getattr(self._scorer, "captions", None)  # the au-caption mode names AUs too
+            for i, (slot, item, p) in enumerate(zip(slots, items, probs)):
                 if not np.all(np.isfinite(p)):  # never write NaN: it is not JSON, and not a prediction
                     rows[slot] = {**item.row(), "pred": None, "error": "the model produced non-finite scores"}
                     continue
                 rows[slot] = {**item.row(), "pred": self.label_set.classes[int(p.argmax())],
                               "probs": {c: round(float(v), 6) for c, v in zip(self.label_set.classes, p)},
                               "latency_ms": latency}
+                if captions is not None:
+                    from cervl.predict.aucaption import caption_fields
+
+                    rows[slot].update(caption_fields(captions[i]))
         else:
             answers = self.generate(images)
             latency = round((time.perf_counter() - t0) / len(items) * 1000, 2)

@@ -181,18 +181,29 @@ def score_labels(model, processor, style: PromptStyle, label_set: LabelSet, imag
         images, batch_size=batch_size, progress=progress)
 
 
-@torch.no_grad()
 def score_labels_bruteforce(model, processor, style: PromptStyle, label_set: LabelSet, images: list, *,
                             batch_size: int = 8, normalize: str = "sum", progress: bool = False) -> np.ndarray:
     """Reference implementation: every (image, class) pair as one full sequence, no cache (K x slower).
 
     Used by the tests to check :class:`LabelScorer` exactly.
     """
+    text = prompt_text(processor, style, label_set)
+    answers = [list(label_set.classes)] * len(images)
+    return score_answer_texts(model, processor, text, images, answers, batch_size=batch_size, normalize=normalize,
+                              progress=progress)
+
+
+@torch.no_grad()
+def score_answer_texts(model, processor, text: str, images: list, answers: list[list[str]], *, batch_size: int = 8,
+                       normalize: str = "sum", progress: bool = False) -> np.ndarray:
+    """Probabilities (N, K): image i's K candidate answers ``answers[i]`` (full texts, each followed by the
+    end-of-turn token), scored as whole sequences after prompt ``text`` and normalised across candidates.
+
+    The slow, general path: the au-caption mode's answers differ per image (its own caption, then each class).
+    """
     model.eval()
     tok = processor.tokenizer
-    text = prompt_text(processor, style, label_set)
-    cands = [answer_ids(tok, c) for c in label_set.classes]
-    k = len(cands)
+    k = len(answers[0]) if answers else 0
     pad = pad_id(tok)
     image_token_id = model.config.image_token_id
     device = next(model.parameters()).device
@@ -200,17 +211,17 @@ def score_labels_bruteforce(model, processor, style: PromptStyle, label_set: Lab
     bar = tqdm(total=len(images), desc="scoring", unit="img", disable=not progress)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        encoded = []
-        for img in chunk:
-            img = load_rgb(img)
-            ids, pixels, grid = encode_prompt(processor, text, img)
-            for cand in cands:
+        encoded, longest = [], 0
+        for img, cand_texts in zip(chunk, answers[start:start + batch_size]):
+            ids, pixels, grid = encode_prompt(processor, text, load_rgb(img))
+            for cand in (answer_ids(tok, c) for c in cand_texts):
                 encoded.append(Encoded(ids + cand, [IGNORE] * len(ids) + cand, pixels, grid))
+                longest = max(longest, len(cand))
         batch = {key: v.to(device) for key, v in
                  collate(encoded, pad, image_token_id, padding_side="left").items()}
         # Answers sit at the end (left padding): only the last few positions need vocabulary logits,
         # which keeps memory flat with a 150k-token vocabulary.
-        keep = max(len(c) for c in cands) + 1
+        keep = longest + 1
         labels = batch.pop("labels")[:, -keep:]
         logits = model(**batch, logits_to_keep=keep).logits
         lp = token_logprobs(logits, labels)

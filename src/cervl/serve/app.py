@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cervl.data.images import ImageError, to_rgb
 from cervl.serve.batcher import MicroBatcher, ModelWorker, PixelBudget, SerialPredictor
+from cervl.serve.explain import MapMaker, trained_on
 from cervl.serve.jobs import JobsFull, VideoJobs
 from cervl.serve.metrics import Metrics
 
@@ -151,6 +152,7 @@ class Service:
                               max_pending=settings.max_video_jobs)
         self.ready, self.aligner = False, None
         self.classes = list(predictor.label_set.classes)
+        self.maps = MapMaker(predictor)  # explain=true: the predicted class's gradient map
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -178,11 +180,11 @@ class Service:
         return response
 
     # --- scoring ------------------------------------------------------------------------------
-    async def score_one(self, image: Image.Image, align: bool) -> dict:
+    async def score_one(self, image: Image.Image, align: bool, explain: bool = False) -> dict:
         t0 = time.perf_counter()
-        face = None
+        face, landmarks, photo_size = None, None, image.size
         if align:
-            image, face = await self._align(image)
+            image, face, landmarks = await self._align(image)
             if image is None:
                 return {"face": face, "pred": None, "probs": None, "top2": None,
                         "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
@@ -191,10 +193,14 @@ class Service:
         except asyncio.TimeoutError:
             raise HTTPError(504, f"the model did not answer within {self.settings.request_timeout_s:g} s") from None
         order, classes = probs.argsort()[::-1], self.classes
-        return {"face": face, "pred": classes[int(order[0])],
-                "probs": {c: round(float(p), 6) for c, p in zip(classes, probs)},
-                "top2": [[classes[int(i)], round(float(probs[i]), 6)] for i in order[:2]],
-                "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        out = {"face": face, "pred": classes[int(order[0])],
+               "probs": {c: round(float(p), 6) for c, p in zip(classes, probs)},
+               "top2": [[classes[int(i)], round(float(probs[i]), 6)] for i in order[:2]]}
+        if explain:  # on the model thread, like every model call; the map is of the predicted class
+            job = self.worker.submit(self.maps, image, photo_size, landmarks, out["pred"])
+            out["explain"] = await asyncio.wrap_future(job)
+        out["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        return out
 
     async def _align(self, image):
         from cervl.faces.pipeline import FaceAligner
@@ -203,7 +209,7 @@ class Service:
             # only the largest face is scored: the largest-first search finds it with less work
             self.aligner = FaceAligner("mtcnn", search="largest")
         res = (await asyncio.to_thread(self.aligner.align, image))[0]
-        return res.crop, {"status": res.status, "box": res.box, "faces": res.n_faces}
+        return res.crop, {"status": res.status, "box": res.box, "faces": res.n_faces}, res.landmarks
 
     @asynccontextmanager
     async def arriving(self):
@@ -217,7 +223,7 @@ class Service:
     # --- reading requests ---------------------------------------------------------------------
     @asynccontextmanager
     async def decoded(self, request: Request, *, many: bool):
-        """``(images, align)`` of a request, decoded within the pixel budgets, which it holds until scored.
+        """``(images, align, fields)`` of a request, decoded within the pixel budgets, which it holds until scored.
 
         Every header is read and the request's total is checked before any pixel is decoded: a body of
         64 flat 38-MP PNGs (~100 KB each) would otherwise decode to ~7 GB.
@@ -246,29 +252,23 @@ class Service:
                 await self.pixels.release(held)
                 raise
         try:
-            yield images, align
+            yield images, align, fields
         finally:
             await self.pixels.release(held)
 
     def align_flag(self, request: Request, fields: dict) -> bool:
-        value = request.query_params.get("align", fields.get("align"))
-        if value is None:
-            return self.settings.align
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() not in ("true", "false", "1", "0"):
-            raise HTTPError(400, f"align must be true or false, got {value!r}")
-        return str(value).lower() in ("true", "1")
+        return _bool_param(request, fields, "align", self.settings.align)
 
     # --- endpoints ----------------------------------------------------------------------------
     async def predict(self, request: Request):
         """Predict one image."""
-        async with self.decoded(request, many=False) as (images, align):
-            return await self.score_one(images[0], align)
+        async with self.decoded(request, many=False) as (images, align, fields):
+            explain = _bool_param(request, fields, "explain", False)
+            return await self.score_one(images[0], align, explain)
 
     async def predict_batch(self, request: Request):
         """Predict several images."""
-        async with self.decoded(request, many=True) as (images, align):
+        async with self.decoded(request, many=True) as (images, align, _):
             return {"results": list(await asyncio.gather(*(self.score_one(im, align) for im in images)))}
 
     async def predict_video(self, request: Request):
@@ -305,7 +305,7 @@ class Service:
         return {"label_set": self.predictor.label_set.name, "classes": self.classes,
                 "prompt": self.predictor.style.name, "base_model": info.get("base_model"),
                 "lineage": info.get("lineage", []), "run": info.get("run"), "max_batch": self.settings.max_batch,
-                "align_default": self.settings.align}
+                "align_default": self.settings.align, **trained_on(info)}
 
     async def health(self):
         return {"status": "ok"}
@@ -320,6 +320,18 @@ class Service:
 
     async def page(self):
         return FileResponse(STATIC / "index.html")
+
+
+def _bool_param(request: Request, fields: dict, name: str, default: bool) -> bool:
+    """A true/false query parameter or form field (the query wins)."""
+    value = request.query_params.get(name, fields.get(name))
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() not in ("true", "false", "1", "0"):
+        raise HTTPError(400, f"{name} must be true or false, got {value!r}")
+    return str(value).lower() in ("true", "1")
 
 
 async def _request_blobs(request: Request, many: bool, max_files: int) -> tuple[list[bytes], dict]:
@@ -389,7 +401,7 @@ def create_app(predictor, settings: ServeSettings | None = None, *, run_info: di
     app.add_exception_handler(Exception, _server_fault)
     app.middleware("http")(svc.auth_and_metrics)
     for path, endpoint, method, summary in (
-            ("/v1/predict", svc.predict, "POST", "Predict one image"),
+            ("/v1/predict", svc.predict, "POST", "Predict one image (?align=true|false; ?explain=true adds the predicted class's saliency map)"),
             ("/v1/predict/batch", svc.predict_batch, "POST", "Predict several images"),
             ("/v1/predict/video", svc.predict_video, "POST", "Start a video job (poll GET /v1/jobs/{id})"),
             ("/v1/jobs/{job_id}", svc.job_status, "GET", "A video job's progress or result"),
@@ -421,4 +433,6 @@ def run_summary(run_dir: Path) -> dict:
     lineage = [StageRecord.from_dict(e) for e in meta.lineage]
     return {"run": str(run_dir), "base_model": lineage[0].source if lineage else None,
             "lineage": [{"stage": r.stage, "kind": r.kind, "rank": r.rank, "label_set": r.label_set,
-                         "prompt": r.prompt, "steps": r.steps} for r in lineage]}
+                         "prompt": r.prompt, "steps": r.steps,
+                         "data": [d["manifest"] for d in r.data or [] if isinstance(d, dict) and "manifest" in d]}
+                        for r in lineage]}

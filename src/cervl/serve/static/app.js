@@ -65,14 +65,20 @@ function photoCard(file) {
   const card = document.createElement("div");
   card.className = "card";
   card.dataset.testid = "card";
+  const photo = document.createElement("div");
+  photo.className = "photo";
+  const frame = document.createElement("div");
+  frame.className = "frame";  // the canvas and, with "show where the model looks", the map over it
   const canvas = document.createElement("canvas");
+  frame.appendChild(canvas);
+  photo.appendChild(frame);
   const info = document.createElement("div");
   info.className = "info";
   info.innerHTML = '<div class="name"></div><div class="meta">scoring…</div><div class="bars"></div>';
   info.querySelector(".name").textContent = file.name;
-  card.append(canvas, info);
+  card.append(photo, info);
   $("results").prepend(card);
-  return { card, canvas, info };
+  return { card, canvas, info, photo };
 }
 
 function drawPhoto(canvas, img, box) {
@@ -89,7 +95,7 @@ function drawPhoto(canvas, img, box) {
 }
 
 async function predictPhoto(file) {
-  const { card, canvas, info } = photoCard(file);
+  const { card, canvas, info, photo } = photoCard(file);
   const url = URL.createObjectURL(file);
   const img = new Image();
   const loaded = new Promise((ok) => { img.onload = ok; img.onerror = ok; });
@@ -97,7 +103,8 @@ async function predictPhoto(file) {
   const form = new FormData();
   form.append("file", file);
   try {
-    const r = await api("/v1/predict?align=" + $("align").checked, { method: "POST", body: form });
+    const r = await api("/v1/predict?align=" + $("align").checked + "&explain=" + $("explain").checked,
+                        { method: "POST", body: form });
     await loaded;
     drawPhoto(canvas, img, r.face && r.face.box);
     const meta = info.querySelector(".meta");
@@ -108,6 +115,7 @@ async function predictPhoto(file) {
     }
     meta.textContent = r.pred + " · " + r.latency_ms + " ms" + (r.face ? " · face " + r.face.status : "");
     renderBars(info.querySelector(".bars"), r.probs);
+    if (r.explain) showHeat(photo, r.explain);
     card.dataset.state = "done";
   } catch (e) {
     await loaded;
@@ -121,6 +129,21 @@ async function predictPhoto(file) {
     card.dataset.state = "error";
     showError(file.name + ": " + e.message);
   }
+}
+
+// The predicted class's map, laid over the photo (the server warps it back from the aligned face).
+function showHeat(photo, ex) {
+  const heat = document.createElement("img");
+  heat.className = "heat";
+  heat.dataset.testid = "heat";
+  heat.dataset.class = ex.class;
+  heat.alt = "where the model looks for " + ex.class;
+  heat.src = ex.overlay;
+  const note = document.createElement("div");
+  note.className = "heatnote";
+  note.textContent = "colour: where " + ex.class + " comes from (" + ex.method + ")";
+  photo.querySelector(".frame").appendChild(heat);
+  photo.appendChild(note);
 }
 
 function handleFiles(files) {
@@ -167,7 +190,8 @@ async function camTick() {
   const form = new FormData();
   form.append("file", blob, "frame.jpg");
   try {
-    const r = await api("/v1/predict?align=" + $("align").checked, { method: "POST", body: form });
+    const r = await api("/v1/predict?align=" + $("align").checked + "&explain=" + $("explain").checked,
+                        { method: "POST", body: form });
     cam.frames += 1;
     $("camstatus").textContent = "live · frame " + cam.frames + (r.probs ? " · " + r.pred : " · no face");
     $("camstatus").dataset.frames = String(cam.frames);
@@ -302,6 +326,16 @@ async function loadModel() {
     $("align").checked = m.align_default;
     $("model").textContent = "label set " + m.label_set + " (" + m.classes.length + " classes) · prompt " + m.prompt
       + (m.base_model ? " · base " + m.base_model : "");
+    const trained = document.createElement("span");
+    trained.className = "trained";
+    trained.dataset.testid = "trained";
+    trained.textContent = "trained: " + m.stages_summary
+      + (m.trained_on && m.trained_on.length ? " on " + m.trained_on.join(", ") : "");
+    $("model").appendChild(trained);
+    if (m.notice) {
+      $("notice").textContent = m.notice;
+      $("notice").classList.remove("hidden");
+    }
     clearError();
   } catch (e) {
     $("model").textContent = "model unavailable";
