@@ -1,4 +1,5 @@
-"""Regenerate docs/serve-page.png: the web page of `cervl serve` on the demo run, in Debian's chromium.
+"""Regenerate docs/serve-page.png: the web page of `cervl serve` on the demo run, in Debian's chromium, with
+"show where the model looks" on (the SynthCE notice shows in the header).
 
     .venv/bin/python docs/screenshot.py [--run runs/demo/run]
 """
@@ -46,6 +47,7 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1280, "height": 820})
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("document.getElementById('model').textContent.includes('label set')")
+        page.check("#explain")  # the predicted class's map over each photo
         page.set_input_files("#files", photos)
         page.wait_for_function(f"document.querySelectorAll(\".card[data-state='done']\").length == {len(photos)}")
         page.screenshot(path=str(args.out))

@@ -156,3 +156,27 @@ def test_explain_cli_writes_maps_report_section_and_au_check(tmp_path, synth):
     assert "Where the model looks" in (tmp_path / "rep" / "report.html").read_text()
     res = cervl("eval", preds, "-o", tmp_path / "rep2", "--explain", tmp_path)
     assert res.returncode == 2 and "no where_it_looks.html" in res.stderr
+
+
+def test_explain_cli_on_a_raw_photo_with_align_and_on_video_frames(tmp_path):
+    import cv2
+    from skimage import data as skdata
+
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(skdata.astronaut()).save(photo, quality=92)
+    Image.new("RGB", (200, 200), (90, 140, 200)).save(tmp_path / "sky.jpg")
+    vw = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (320, 240))
+    frame = cv2.cvtColor(cv2.resize(skdata.astronaut(), (320, 320))[:240], cv2.COLOR_RGB2BGR)
+    for t in range(6):
+        vw.write(np.roll(frame, 3 * t, axis=1))
+    vw.release()
+    out = tmp_path / "ex"
+    res = cervl("explain", "--model", "pretrained-tiny", photo, tmp_path / "sky.jpg", tmp_path / "clip.avi",
+                "--align", "--every", "2", "--method", "gradient", "--classes", "all", "-o", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "explain.json").read_text())
+    ids = [r["id"] for r in summary["images"]]
+    assert ids == ["astronaut.jpg", "clip/00001", "clip/00003", "clip/00005"], ids
+    assert [f["id"] for f in summary["failed"]] == ["sky.jpg"] and "1 without a face" in res.stdout
+    maps = np.load(out / summary["images"][0]["npz"])["maps"]
+    assert maps.shape == (11, 112, 112)  # --classes all, over the aligned crop
