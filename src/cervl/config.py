@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from cervl.augment import AugmentSpec, check_spec
 from cervl.errors import InvalidInput, UserError
 from cervl.labels import LabelSet, get_label_set
 from cervl.prompts import PromptStyle, get_prompt_style
@@ -33,6 +34,9 @@ class DataSource:
     manifest: str
     weight: float = 1.0
     splits: list[str] = field(default_factory=lambda: ["train"])
+    # How an epoch draws this source's samples: natural (each once), balanced (every class equally often)
+    # or sqrt (class frequency ~ sqrt of its count); balanced/sqrt draw with replacement, per (seed, epoch).
+    sampling: str = "natural"
 
 
 @dataclass
@@ -76,6 +80,7 @@ class StageConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     eval: EvalSpec = field(default_factory=EvalSpec)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)  # training views only (cervl.augment)
     # Resolved once by validate() from label_set and prompt: the objects training, evaluation and
     # saving use, so no consumer looks a name up again. Not part of the YAML or of config.json.
     labels: LabelSet = field(default=None, init=False, repr=False, compare=False)
@@ -282,6 +287,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
         for src in st.data:
             src.manifest = fix(src.manifest)
         st.eval.manifest = fix(st.eval.manifest)
+        if st.augment.align_noise is not None:
+            st.augment.align_noise.file = fix(st.augment.align_noise.file)
     cfg.test.manifest = fix(cfg.test.manifest)
 
 
@@ -350,6 +357,10 @@ def _check_stage_values(st: StageConfig, where: str) -> None:
     _check(st.eval.every >= 0 and st.eval.max_samples >= 0, where, "'eval.every' and 'eval.max_samples' must be >= 0")
     for j, src in enumerate(st.data):
         _check(_finite(src.weight) and src.weight > 0, where, f"'data[{j}].weight' must be finite and > 0")
+        _check(src.sampling in ("natural", "balanced", "sqrt"), where,
+               f"'data[{j}].sampling' must be natural, balanced or sqrt, got {src.sampling!r}"
+               + suggest(src.sampling, ("natural", "balanced", "sqrt")))
+    check_spec(st.augment, where)
     if st.method == "lora":
         _check(st.lora.rank >= 1, where, "'lora.rank' must be >= 1")
         _check(_finite(st.lora.alpha) and st.lora.alpha > 0, where, "'lora.alpha' must be finite and > 0")

@@ -86,11 +86,12 @@ class VisionCache:
             finally:
                 tmp.unlink(missing_ok=True)
 
-    def features(self, core, pixel_values, grid, image_hashes: list[str]):
+    def features(self, core, pixel_values, grid, image_hashes: list[str | None]):
         """The vision output for a batch (what ``get_image_features`` returns): cached images reused,
-        the others computed in one tower call."""
-        keys = [self.key(h) for h in image_hashes]
-        found = [self.get(k) for k in keys]
+        the others computed in one tower call. A hash of None (an augmented view that is drawn afresh, see
+        :mod:`cervl.augment`) is computed and never stored: no other view can ever read its features."""
+        keys = [self.key(h) if h is not None else None for h in image_hashes]
+        found = [self.get(k) if k is not None else None for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -103,7 +104,8 @@ class VisionCache:
             deep = getattr(out, "deepstack_features", None) or []
             for j, i in enumerate(missing):
                 found[i] = {"f": out.pooler_output[j], **{f"d{layer}": per_image[j] for layer, per_image in enumerate(deep)}}
-                self.put(keys[i], found[i])
+                if keys[i] is not None:
+                    self.put(keys[i], found[i])
         device = pixel_values.device
         pooled = tuple(f["f"].to(device) for f in found)
         layers = sorted((k for k in found[0] if k.startswith("d")), key=lambda k: int(k[1:]))

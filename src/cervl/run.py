@@ -118,6 +118,10 @@ class StageFiles:
     def weights(self) -> Path:
         return self.folder / "weights"
 
+    @property
+    def augment_preview(self) -> Path:  # augment.png: the stage's first training views, when augment is on
+        return self.folder / "augment.png"
+
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
     return Layout(run_dir).stage(index, name).folder
@@ -148,6 +152,8 @@ class StageRecord:
     skipped_steps: int | None = None
     levers: dict | None = None
     sharded: dict | None = None
+    sampling: dict | None = None  # per-source sampling and the per-class counts the steps drew
+    augment: dict | None = None  # the resolved augmentation (None: off)
     final_eval: dict | None = None
     extra: dict = field(default_factory=dict)
 

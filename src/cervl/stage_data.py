@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cervl.augment import Augmenter
 from cervl.config import RunConfig, StageConfig
 from cervl.data.images import check_images, file_hash, image_size, load_rgb
 from cervl.data.mixture import Mixture, Sample, load_samples
@@ -76,13 +77,42 @@ class StageData:
                  image_token_id: int | None, prompt: str | None = None, hash_images: bool = False):
         self.processor, self.cfg, self.stage, self.world, self.rank = processor, cfg, stage, world, rank
         self.global_batch = stage.batch_size * stage.grad_accum * world
-        self.mixture = Mixture([(source_samples(stage, src, bad), src.weight) for src in stage.data],
+        self.mixture = Mixture([(source_samples(stage, src, bad), src.weight, src.sampling) for src in stage.data],
                                seed=stage.seed, group=50 * self.global_batch if cfg.group_by_length else 0,
                                length=lambda s: math.prod(image_size(s.path)))
         self.total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * self.mixture.per_epoch / self.global_batch))
         self.prompt = prompt or prompt_text(processor, stage.style, stage.labels)  # rendered once per stage
         self.pad_id, self.image_token_id = pad_id(processor.tokenizer), image_token_id
         self.hash_images, self.hashes = hash_images, {}
+        # Training views (cervl.augment): a pure function of (seed, epoch, position), like the batches.
+        self.augmenter = Augmenter(stage.augment, stage.seed) if stage.augment.active() else None
+
+    def view(self, position: int, sample: Sample):
+        """The training image at ``position`` of the sample stream, augmented, and its vision-cache hash
+        (None: a fresh augmented view, never cached)."""
+        image = load_rgb(sample.path)
+        if self.augmenter is None:
+            return image, (self._hash(sample.path) if self.hash_images else None)
+        epoch, index = divmod(position, self.mixture.per_epoch)
+        key = self.augmenter.key(str(sample.path), epoch, index)
+        image = self.augmenter(image, key, sample.record.landmarks)
+        tag = self.augmenter.cache_tag(key)
+        return image, (f"{self._hash(sample.path)}:{tag}" if self.hash_images and tag else None)
+
+    def drawn_counts(self) -> dict[str, int]:
+        """How many training draws of each class the stage's steps make (what ``sampling`` actually did)."""
+        counts: dict[str, int] = {}
+        for s in self.mixture.take(0, self.total_steps * self.global_batch):
+            counts[str(s.record.label)] = counts.get(str(s.record.label), 0) + 1
+        return dict(sorted(counts.items()))
+
+    def augment_preview(self, path, n: int = 16) -> None:
+        """``stages/NN/augment.png``: the first ``n`` training views of the stage, as the model sees them."""
+        from cervl.augment import augment_grid
+
+        samples = self.mixture.take(0, n)
+        images = [self.view(i, s)[0] for i, s in enumerate(samples)]
+        augment_grid(images, path, title=f"stage {self.stage.name}: the first {n} training views (augment on)")
 
     def epoch(self, step: int) -> float:
         """Epochs done after ``step`` steps."""
@@ -94,13 +124,16 @@ class StageData:
         for a in range(stage.grad_accum):
             first = step * self.global_batch + a * stage.batch_size * self.world + self.rank * stage.batch_size
             micro.append(self.mixture.take(first, stage.batch_size))
-        encoded = [[encode_sample(self.processor, self.prompt, load_rgb(s.path),
-                                  stage.style.answer(s.record.label, s.record.aus), max_length=self.cfg.max_length,
-                                  sample_name=s.name) for s in mb] for mb in micro]
+        firsts = [step * self.global_batch + a * stage.batch_size * self.world + self.rank * stage.batch_size
+                  for a in range(stage.grad_accum)]
+        views = [[self.view(first + j, s) for j, s in enumerate(mb)] for first, mb in zip(firsts, micro)]
+        encoded = [[encode_sample(self.processor, self.prompt, image, stage.style.answer(s.record.label, s.record.aus),
+                                  max_length=self.cfg.max_length, sample_name=s.name)
+                    for s, (image, _) in zip(mb, vs)] for mb, vs in zip(micro, views)]
         batches = [collate(e, self.pad_id, self.image_token_id) for e in encoded]
         if self.hash_images:
-            for batch, mb in zip(batches, micro):
-                batch["image_hashes"] = [self._hash(s.path) for s in mb]
+            for batch, vs in zip(batches, views):
+                batch["image_hashes"] = [h for _, h in vs]
         return batches
 
     def _hash(self, path) -> str:

@@ -241,6 +241,8 @@ class StageTrainer:
         self.outputs.start({"index": self.index, **to_dict(stage), "total_steps": self.total_steps,
                             "samples_per_epoch": self.data.mixture.per_epoch, "world_size": self.world},
                            resume_step=self.start_step, tensorboard=cfg.tensorboard)
+        if self.data.augmenter is not None and self.main:  # what the model sees, before it trains on it
+            self.data.augment_preview(self.files.augment_preview)
         self.objective = self.levers.objective(self.model)
         if self.sharded:  # FSDP2 reduces the gradients itself: no DDP wrapper on top
             self.ddp_model = self.objective
@@ -342,7 +344,9 @@ class StageTrainer:
         record = StageRecord(stage=stage.name, kind=stage.method, index=self.index, label_set=stage.labels.name,
                              prompt=stage.style.name, data=to_dict(stage.data), steps=self.total_steps,
                              skipped_steps=self.skipped_steps, levers=self.levers.record(self.objective),
-                             sharded=sharded)
+                             sharded=sharded, sampling={"sources": [src.sampling for src in stage.data],
+                                                        "drawn_per_class": self.data.drawn_counts()},
+                             augment=to_dict(stage.augment.resolved()) if stage.augment.active() else None)
         if stage.method == "lora":
             record.rank, record.alpha = stage.lora.rank, stage.lora.alpha
             record.adapter = relative(self.run_dir, self.files.adapter)

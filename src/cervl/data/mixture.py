@@ -59,6 +59,18 @@ def load_samples(manifest: str | Path, splits: list[str], label_set: LabelSet, *
     return out
 
 
+def class_probabilities(samples: list[Sample], sampling: str) -> np.ndarray:
+    """Per-sample draw probabilities giving each class a share ~ count ** (1 - alpha): alpha 1 for
+    ``balanced`` (every class equally often), 0.5 for ``sqrt``, 0 for ``natural``."""
+    alpha = {"natural": 0.0, "sqrt": 0.5, "balanced": 1.0}[sampling]
+    labels = [s.record.label for s in samples]
+    counts: dict = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    p = np.array([counts[label] ** -alpha for label in labels], dtype=np.float64)
+    return p / p.sum()
+
+
 class Mixture:
     """Weighted union of sources. A weight ``w`` draws ``round(w * n)`` samples of a source per epoch
     (with repetition when ``w > 1``), chosen afresh each epoch.
@@ -68,22 +80,27 @@ class Mixture:
     similar size (less padding). The order stays a pure function of (seed, epoch): resuming is exact.
     """
 
-    def __init__(self, sources: list[tuple[list[Sample], float]], seed: int, *, group: int = 0, length=None):
-        self.sources, self.seed = sources, seed
+    def __init__(self, sources: list[tuple], seed: int, *, group: int = 0, length=None):
+        # (samples, weight) or (samples, weight, sampling): natural | balanced | sqrt
+        self.sources = [(s[0], s[1], s[2] if len(s) > 2 else "natural") for s in sources]
+        self.seed = seed
         self.group, self.length = group, length
         self._lengths: dict = {}
         self._cache: dict[int, list[Sample]] = {}
-        self.per_epoch = sum(int(round(w * len(s))) for s, w in sources)
+        self.per_epoch = sum(int(round(w * len(s))) for s, w, _ in self.sources)
         if self.per_epoch == 0:
             raise DataError("the stage's data mix draws no samples (all weights round to 0)")
 
     def epoch(self, epoch: int) -> list[Sample]:
         rng = np.random.default_rng([self.seed, epoch])
         chosen = []
-        for samples, w in self.sources:
+        for samples, w, sampling in self.sources:
             k = int(round(w * len(samples)))
-            full, rest = divmod(k, len(samples))
-            idx = list(np.tile(np.arange(len(samples)), full)) + list(rng.permutation(len(samples))[:rest])
+            if sampling == "natural":
+                full, rest = divmod(k, len(samples))
+                idx = list(np.tile(np.arange(len(samples)), full)) + list(rng.permutation(len(samples))[:rest])
+            else:  # class-aware: p(sample) ~ count(class) ** -alpha, drawn with replacement
+                idx = list(rng.choice(len(samples), size=k, p=class_probabilities(samples, sampling)))
             chosen += [samples[i] for i in idx]
         order = rng.permutation(len(chosen))
         shuffled = [chosen[i] for i in order]
