@@ -1,6 +1,7 @@
 """Staged training through the real CLI: resume after SIGKILL, 2 processes, families, bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -182,7 +183,12 @@ def test_every_shipped_config_parses():
         assert "# Run: " in header, f"{p} does not state the command that runs it"
         if p.name.startswith("ablation"):
             grid, axes = load_ablation(p)
-            assert len(cells(grid, axes)) == 1 + sum(len(v) - 1 for v in axes.values())
+            expect = (math.prod(len(v) for v in axes.values()) if grid.mode == "product"
+                      else 1 + sum(len(v) - 1 for v in axes.values()))
+            assert len(cells(grid, axes)) == expect
+            for variants in axes.values():  # every variant's overrides apply to the base recipe
+                for v in variants.values():
+                    assert load_config(grid.base, v.overrides).stages
         else:
             assert load_config(p).stages
     paper = load_config(ROOT / "configs" / "paper-qwen2vl-7b.yaml")

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from cervl.config import ConfigError, build, load_config
@@ -24,10 +25,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ZeroShot:
+    """A cell with no training: the base ``model`` scored with ``prompt`` over the last stage's label set."""
+
+    model: str = "pretrained-tiny"
+    prompt: str = "minimal"
+
+
+@dataclass
 class Variant:
     overrides: list[str] = field(default_factory=list)
     drop_stages: list[str] = field(default_factory=list)
     test_manifest: str | None = None
+    # How test images become crops: none (as they are), detector (face detection + alignment, as predict --align),
+    # landmarks (the manifest's true landmarks: the ceiling of any detector)
+    test_align: str | None = None
+    test_landmarks: str | None = None  # detector landmarks: single | flip (cervl.faces.landmarks.FlipAveraged)
+    zero_shot: ZeroShot | None = None
 
 
 @dataclass
@@ -55,6 +69,8 @@ def load_ablation(path: str | Path) -> tuple[AblationConfig, dict[str, dict[str,
     cfg.base = str(base if base.is_absolute() else (path.parent / base).resolve())
     for variants in axes.values():
         for v in variants.values():
+            if v.test_align not in (None, "none", "detector", "landmarks"):
+                raise ConfigError(f"{path}: test_align must be none, detector or landmarks, got {v.test_align!r}")
             if v.test_manifest and not Path(v.test_manifest).is_absolute():
                 v.test_manifest = str((path.parent / v.test_manifest).resolve())
     if not Path(cfg.output_dir).is_absolute():
@@ -80,44 +96,60 @@ def _slug(text: str) -> str:
 
 def run_ablation(path: str | Path, *, progress: bool = True) -> Path:
     """Run (or resume) every cell; write ``ablation.md/html/json`` and plots; return the markdown path."""
+    cfg, axes = load_ablation(path)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [_run_cell(cfg, axes, cell, out, progress) for cell in cells(cfg, axes)]
+    return write_ablation_summary(out, results, axes)
+
+
+def _run_cell(cfg: AblationConfig, axes: dict, cell: dict[str, str], out: Path, progress: bool) -> dict:
+    """Train the cell's recipe (shared by cells with the same training; none for zero-shot), then test it."""
     from cervl.evaluate import test_report
     from cervl.predict import Predictor
     from cervl.train import train
 
-    cfg, axes = load_ablation(path)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for cell in cells(cfg, axes):
-        chosen = [axes[a][v] for a, v in cell.items()]
-        overrides = [o for v in chosen for o in v.overrides]
-        drop = [s for v in chosen for s in v.drop_stages]
-        train_key = "_".join(f"{a}={v}" for a, v in cell.items()
-                             if axes[a][v].overrides or axes[a][v].drop_stages) or "baseline"
-        run_dir = out / "runs" / _slug(train_key)
-        recipe = load_config(cfg.base, overrides + [f"output_dir={run_dir}"])
-        if drop:
-            unknown = set(drop) - {s.name for s in recipe.stages}
-            if unknown:
-                raise ConfigError(f"drop_stages names unknown stages {sorted(unknown)}")
-            recipe.stages = [s for s in recipe.stages if s.name not in drop]
-        test_manifest = next((v.test_manifest for v in chosen if v.test_manifest), None) or recipe.test.manifest
-        cell_name = ", ".join(f"{a}={v}" for a, v in cell.items())
-        cell_dir = out / "cells" / _slug("_".join(f"{a}={v}" for a, v in cell.items()))
-        metrics_file = cell_dir / "report" / "metrics.json"
-        if metrics_file.is_file():
-            log.info("cell %s already evaluated; skipping", cell_name)
-            metrics = json.loads(metrics_file.read_text())
+    chosen = [axes[a][v] for a, v in cell.items()]
+    overrides = [o for v in chosen for o in v.overrides]
+    drop = [s for v in chosen for s in v.drop_stages]
+    zero_shot = next((v.zero_shot for v in chosen if v.zero_shot), None)
+    train_key = "_".join(f"{a}={v}" for a, v in cell.items()
+                         if axes[a][v].overrides or axes[a][v].drop_stages) or "baseline"
+    run_dir = out / "runs" / _slug(train_key)
+    recipe = load_config(cfg.base, overrides + [f"output_dir={run_dir}"])
+    if drop:
+        unknown = set(drop) - {s.name for s in recipe.stages}
+        if unknown:
+            raise ConfigError(f"drop_stages names unknown stages {sorted(unknown)}")
+        recipe.stages = [s for s in recipe.stages if s.name not in drop]
+    test_manifest = next((v.test_manifest for v in chosen if v.test_manifest), None) or recipe.test.manifest
+    align = next((v.test_align for v in chosen if v.test_align), None) or "none"
+    landmarks = next((v.test_landmarks for v in chosen if v.test_landmarks), None) or "single"
+    cell_name = ", ".join(f"{a}={v}" for a, v in cell.items())
+    cell_dir = out / "cells" / _slug("_".join(f"{a}={v}" for a, v in cell.items()))
+    metrics_file = cell_dir / "report" / "metrics.json"
+    if metrics_file.is_file():
+        log.info("cell %s already evaluated; skipping", cell_name)
+        metrics = json.loads(metrics_file.read_text())
+    else:
+        if zero_shot:  # the base model as it is: no run folder
+            predictor = Predictor.from_model(zero_shot.model, prompt=zero_shot.prompt,
+                                             label_set=recipe.stages[-1].labels.name)
         else:
             log.info("cell %s: training in %s (finished stages are reused)", cell_name, run_dir)
             recipe.test.manifest = None  # evaluated below, per cell
             train(recipe, progress=progress)
-            metrics = test_report(Predictor.from_run(run_dir), test_manifest, recipe.test.splits, cell_dir,
-                                  max_samples=recipe.test.max_samples, progress=progress, title=cell_name)
-        results.append({"cell": cell_name, **cell, "run_dir": str(run_dir), "report": str(cell_dir / "report"),
-                        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                        "top2_accuracy": metrics.get("top2_accuracy")})
-    return write_ablation_summary(out, results, axes)
+            predictor = Predictor.from_run(run_dir)
+        metrics = test_report(predictor, test_manifest, recipe.test.splits, cell_dir,
+                              max_samples=recipe.test.max_samples, progress=progress, title=cell_name,
+                              align=align, detector_options={"landmarks": landmarks})
+    worst = int(np.argmin(metrics["per_class_accuracy"]))
+    return {"cell": cell_name, **cell, "run_dir": None if zero_shot else str(run_dir),
+            "report": str(cell_dir / "report"), "n": metrics["n"], "accuracy": metrics["accuracy"],
+            "accuracy_se": float(np.sqrt(metrics["accuracy"] * (1 - metrics["accuracy"]) / max(1, metrics["n"]))),
+            "macro_f1": metrics["macro_f1"], "top2_accuracy": metrics.get("top2_accuracy"),
+            "worst_class": metrics["classes"][worst], "worst_class_recall": metrics["per_class_accuracy"][worst],
+            "no_face": metrics.get("errors", 0)}
 
 
 def write_ablation_summary(out: Path, results: list[dict], axes: dict) -> Path:
@@ -130,9 +162,11 @@ def write_ablation_summary(out: Path, results: list[dict], axes: dict) -> Path:
     from cervl.report import _html_page, _md_table, write_comparison
 
     base = results[0]
-    rows = [[r["cell"], r["accuracy"], r["macro_f1"], r["top2_accuracy"], f"{r['accuracy'] - base['accuracy']:+.4f}"]
-            for r in results]
-    table = _md_table(["cell", "accuracy", "macro-F1", "top-2", "Δ acc vs baseline"], rows)
+    rows = [[r["cell"], r["n"], f"{r['accuracy']:.4f} ± {r['accuracy_se']:.4f}", r["macro_f1"], r["top2_accuracy"],
+             f"{r['worst_class']} {r['worst_class_recall']:.2f}", r["no_face"],
+             f"{r['accuracy'] - base['accuracy']:+.4f}"] for r in results]
+    table = _md_table(["cell", "n", "accuracy ± SE", "macro-F1", "top-2", "worst class (recall)", "no face / errors",
+                       "Δ acc vs baseline"], rows)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(results)), 4))
     ax.bar(range(len(results)), [r["accuracy"] for r in results], color=["C1"] + ["C0"] * (len(results) - 1))
     ax.set_xticks(range(len(results)), [r["cell"].replace(", ", "\n") for r in results], fontsize=7)

@@ -126,9 +126,19 @@ class Augmenter:
         self.spec, self.seed = spec.resolved(), seed
         self.offsets = None
         if self.spec.align_noise is not None:
+            from pathlib import Path
+
+            from cervl.errors import InputNotFound, InvalidInput
             from cervl.faces.landmarks import load_offsets
 
-            self.offsets = load_offsets(self.spec.align_noise.file)
+            file = self.spec.align_noise.file
+            if not Path(file).is_file():
+                raise InputNotFound(f"augment.align_noise.file {file} not found: measure the detector's error on "
+                                    f"training originals first: cervl landmark-error MANIFEST --split train -o {file}")
+            try:
+                self.offsets = load_offsets(file)
+            except ValueError as e:
+                raise InvalidInput(str(e)) from None
 
     def key(self, path: str, epoch: int, index: int) -> tuple[int, ...]:
         """The generator seed of a view: (seed, epoch, index), or (seed, image, view) with fixed views."""

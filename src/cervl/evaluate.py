@@ -27,10 +27,29 @@ def subsample(samples: list[Sample], max_samples: int) -> list[Sample]:
     return [samples[i] for i in sorted(idx)]
 
 
-def score_samples(predictor: Predictor, samples: list[Sample], *, progress: bool = False) -> list[dict]:
-    """Prediction rows for manifest samples: the one scoring path of stage validation and the test report."""
+def score_samples(predictor: Predictor, samples: list[Sample], *, progress: bool = False, align: str = "none",
+                  detector_options: dict | None = None) -> list[dict]:
+    """Prediction rows for manifest samples: the one scoring path of stage validation and the test report.
+
+    ``align``: ``none`` (images as they are), ``detector`` (MTCNN + 5-point alignment, as ``predict --align``;
+    a face not found is an error row, which counts as wrong) or ``landmarks`` (aligned with the records' own
+    landmarks: the ceiling of any detector).
+    """
     items = [Item(id=s.record.sample_id, image=s.path, label=s.record.label, video=s.record.video,
                   frame=s.record.frame) for s in samples]
+    if align == "detector":
+        from cervl.predict.predictor import align_items
+
+        align_items(items, detector_options=detector_options)
+    elif align == "landmarks":
+        from cervl.data.images import load_rgb
+        from cervl.faces.align import align_face
+
+        for item, s in zip(items, samples):
+            if s.record.landmarks is None:
+                item.error = "no landmarks in the manifest record"
+            else:
+                item.crop = align_face(load_rgb(s.path), np.asarray(s.record.landmarks), 112)[0]
     return list(predictor.predict(items, mode="score", progress=progress))
 
 
@@ -53,18 +72,23 @@ def evaluate(model, processor, style: PromptStyle, label_set: LabelSet, manifest
 
 
 def test_report(predictor: Predictor, manifest: str, splits: list[str], out_dir: Path, *, max_samples: int = 0,
-                title: str = "", progress: bool = True) -> dict:
-    """Score a test split, write ``test_predictions.jsonl`` (+ meta) and the report folder; return the metrics."""
+                title: str = "", progress: bool = True, align: str = "none", detector_options: dict | None = None
+                ) -> dict:
+    """Score a test split, write ``test_predictions.jsonl`` (+ meta) and the report folder; return the metrics.
+
+    ``align``/``detector_options``: how test images become crops (see :func:`score_samples`).
+    """
     label_set = predictor.label_set
     samples = subsample(load_samples(manifest, splits, label_set), max_samples)
-    rows = score_samples(predictor, samples, progress=progress)
+    rows = score_samples(predictor, samples, progress=progress, align=align, detector_options=detector_options)
     out_dir = Path(out_dir)
     pred_path = out_dir / "test_predictions.jsonl"
     write_predictions(pred_path, rows, {"mode": "score", "normalize": "sum", "label_set": label_set.name,
                                         "prompt": predictor.style.name, "manifest": str(manifest), "splits": splits})
     metrics = evaluate_predictions(pred_path, out_dir / "report",
                                    title=title or f"{Path(manifest).name} {'+'.join(splits)}")
-    return {"label_set": label_set.name, "predictions": str(pred_path), **metrics}
+    return {"label_set": label_set.name, "classes": list(label_set.classes), "predictions": str(pred_path),
+            "align": align, **metrics}
 
 
 __all__ = ["evaluate", "score_samples", "subsample", "test_report"]

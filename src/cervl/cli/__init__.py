@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from cervl.cli.interrupt import kept_after_interrupt
-from cervl.cli.data import run_compose, run_prepare, run_pseudo_label, run_synth
+from cervl.cli.data import run_compose, run_landmark_error, run_prepare, run_pseudo_label, run_synth
 from cervl.cli.explain import run_explain
 from cervl.cli.parser import build_parser
 from cervl.errors import UserError
@@ -283,8 +283,9 @@ def _run_labels(args) -> int:
 
 def _detector_options(args) -> dict:
     if args.detector == "mtcnn":
-        return {"max_side": args.detect_side or None, "min_face_size": args.min_face, "search": args.face_search}
-    return {"model_path": args.detector_model}
+        return {"max_side": args.detect_side or None, "min_face_size": args.min_face, "search": args.face_search,
+                "landmarks": args.landmarks}
+    return {"model_path": args.detector_model, "landmarks": args.landmarks}
 
 
 def _face_kwargs(args) -> dict:
@@ -300,7 +301,7 @@ COMMANDS = {"synth": run_synth, "prepare": run_prepare, "compose": run_compose, 
             "predict": _run_predict, "abaw": _run_abaw, "eval": _run_eval, "compare": _run_compare,
             "ablate": _run_ablate, "serve": _run_serve, "labels": _run_labels, "demo": _run_demo,
             "pretrain-tiny": _run_pretrain_tiny, "pseudo-label": run_pseudo_label,
-            "explain": run_explain}
+            "explain": run_explain, "landmark-error": run_landmark_error}
 
 
 def main(argv: list[str] | None = None) -> int:

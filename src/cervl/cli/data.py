@@ -99,3 +99,23 @@ def _ray_rows(args) -> list[dict]:
     job = PredictJob(args.run, items_from_manifest(args.manifest, args.split), [], batch_size=args.batch_size)
     ray_predict(job, scores, ray_options(args))
     return [json.loads(line) for line in scores.read_text().splitlines()]
+
+
+def run_landmark_error(args) -> int:
+    import json
+
+    from cervl.cli import _detector_options
+    from cervl.data.manifest import atomic_write_text
+    from cervl.faces.detect import make_detector
+    from cervl.faces.landmarks import measure_landmark_error
+
+    det = make_detector(args.detector, **_detector_options(args))
+    try:
+        result = measure_landmark_error(args.manifest, det, splits=args.split, limit=args.limit)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    atomic_write_text(args.out, json.dumps(result) + "\n")
+    print(f"{result['detector']} on {result['n']} faces of {args.manifest}: NME {result['nme_mean']:.4f} ± "
+          f"{result['nme_se']:.4f} (median {result['nme_median']:.4f}), {result['missed']} missed; wrote {args.out}")
+    return 0
+

@@ -22,6 +22,9 @@ def _face_options(p, *, video: bool = True) -> None:
                    help="mtcnn: 'all' searches every face size (default); 'largest' stops once the largest face is "
                         "certain (same largest face, 2-10x faster on photos with large faces)")
     p.add_argument("--detector-model", help="yunet: path of face_detection_yunet_2023mar.onnx")
+    p.add_argument("--landmarks", default="single", choices=["single", "flip"],
+                   help="flip: also detect on the mirrored image and average the landmarks (closer alignment, "
+                        "about twice the detection time; see cervl landmark-error)")
     p.add_argument("--workers", type=int, default=1, help="preprocess in this many processes, one core each: photos "
                    "are aligned in parallel; videos are decoded, tracked and aligned one per process")
     if video:
@@ -151,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", type=Path, help="a manifest of the same images with true compound labels: report "
                    "precision too (for measuring, e.g. on SynthCE)")
     _ray_options(p)
+
+    p = add("landmark-error", help="measure a face detector's landmark error on records with true landmarks",
+            description="Writes OUT (JSON): the mean normalised error (NME, over the inter-ocular distance), the faces "
+                        "missed, and every face's five offsets in the face's frame: the distribution that "
+                        "augment.align_noise draws from.")
+    p.add_argument("manifest", type=Path, help="a manifest whose records carry landmarks (e.g. SynthCE or RAF-DB "
+                   "originals)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="errors file (.json)")
+    p.add_argument("--split", action="append", help="manifest split(s) (default: all)")
+    p.add_argument("--limit", type=int, default=0, help="first N records only")
+    _face_options(p, video=False)
 
     p = add("align", help="detect faces and write 5-point aligned crops plus a manifest",
             description="INPUT is a folder of images or a manifest (known landmarks are used instead of "
