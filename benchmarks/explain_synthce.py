@@ -47,7 +47,11 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/explain_synthce.json"))
+    ap.add_argument("--speed", type=int, default=0, metavar="N",
+                    help="only the speed comparison, on N images (run it on an otherwise idle machine)")
     args = ap.parse_args()
+    if args.speed:
+        return speed(args)
 
     items = items_from_manifest(args.manifest, [args.split])
     items = items[:args.limit] if args.limit else items
@@ -75,6 +79,28 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
+
+
+def speed(args) -> None:
+    """Maps per second for each method beside plain scoring (images per second), interleaved three times."""
+    items = items_from_manifest(args.manifest, [args.split])[:args.speed]
+    images, labels = [load_rgb(i.image) for i in items], [i.label for i in items]
+    scorer = VLMScorer(Predictor.from_run(args.run))
+    times: dict[str, list[float]] = {"scoring": [], "occlusion": [], "gradient": []}
+    for _ in range(3):
+        t0 = time.perf_counter()
+        scorer.probs(images)
+        times["scoring"].append(time.perf_counter() - t0)
+        for method in METHODS:
+            t0 = time.perf_counter()
+            true_class_maps(Explainer(scorer, method), images, labels)
+            times[method].append(time.perf_counter() - t0)
+    rate = {k: len(images) / float(np.median(v)) for k, v in times.items()}
+    print(f"n = {len(images)} images, median of 3 interleaved rounds")
+    print("| | per second | scoring passes per map |\n|---|---|---|")
+    print(f"| plain scoring | {rate['scoring']:.1f} images | 1 |")
+    for method in METHODS:
+        print(f"| {method} map (one class) | {rate[method]:.2f} maps | {rate['scoring'] / rate[method]:.1f} |")
 
 
 def table(r: dict) -> str:
