@@ -95,7 +95,7 @@ PRESETS: dict[str, AugmentSpec] = {
 
 def check_spec(spec: AugmentSpec, where: str) -> None:
     """Value checks (the config loader has already refused unknown keys with "did you mean")."""
-    from cervl.config import ConfigError
+    from cervl.errors import ConfigError
     from cervl.registry import suggest
 
     if spec.preset is not None and spec.preset not in PRESETS:

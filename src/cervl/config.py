@@ -17,14 +17,10 @@ from typing import Any
 import yaml
 
 from cervl.augment import AugmentSpec, check_spec
-from cervl.errors import InvalidInput, UserError
+from cervl.errors import ConfigError, UserError  # noqa: F401  (ConfigError: re-exported)
 from cervl.labels import LabelSet, get_label_set
 from cervl.prompts import PromptStyle, get_prompt_style
 from cervl.registry import suggest
-
-
-class ConfigError(InvalidInput):
-    """A bad config key or value; the message names the key path."""
 
 
 @dataclass

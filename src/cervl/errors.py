@@ -29,3 +29,7 @@ class InputNotFound(UserError, FileNotFoundError):
 
 class MissingResource(UserError, RuntimeError):
     """A model file or package a feature needs is not installed or not found."""
+
+
+class ConfigError(InvalidInput):
+    """A bad config key or value; the message names the key path (re-exported by :mod:`cervl.config`)."""

@@ -483,6 +483,52 @@ class YuNetDetector(FaceDetector):
         return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Flip-averaged landmarks (cervl.faces.landmarks measures what they gain)
+# ----------------------------------------------------------------------------------------------
+MIRROR = [1, 0, 2, 4, 3]  # left eye <-> right eye, nose, left mouth corner <-> right
+
+
+class FlipAveraged(FaceDetector):
+    """``detector`` on the image and on its mirror; each face's landmarks averaged with its mirrored match."""
+
+    def __init__(self, detector: FaceDetector):
+        self.detector, self.name = detector, f"{detector.name}+flip"
+
+    def detect(self, images) -> list[list[Face]]:
+        from PIL import ImageOps
+
+        images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
+        plain = self.detector.detect(images)
+        mirrored = self.detector.detect([ImageOps.mirror(im.convert("RGB")) for im in images])
+        return [[self._average(f, flipped, im.size[0]) for f in faces]
+                for faces, flipped, im in zip(plain, mirrored, images)]
+
+    @staticmethod
+    def _average(face: Face, flipped: list[Face], width: int) -> Face:
+        best, best_iou = None, 0.5  # a twin must overlap the face well, or the face keeps its own landmarks
+        for g in flipped:
+            box = np.array([width - 1 - g.box[2], g.box[1], width - 1 - g.box[0], g.box[3]])
+            iou = _iou(face.box, box)
+            if iou > best_iou:
+                best, best_iou = g, iou
+        if best is None:
+            return face
+        back = best.landmarks[MIRROR].copy()
+        back[:, 0] = width - 1 - back[:, 0]
+        return Face(face.box, face.score, (face.landmarks + back) / 2)
+
+    def refine(self, images, boxes):
+        return self.detector.refine(images, boxes)  # video tracking: O-Net re-location as before
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 DETECTORS: dict[str, type[FaceDetector]] = {c.name: c for c in (MTCNNDetector, YuNetDetector)}
 
 
@@ -496,7 +542,5 @@ def make_detector(name: str = "mtcnn", *, landmarks: str = "single", **options) 
         raise InvalidInput(f"landmarks must be 'single' or 'flip', got {landmarks!r}")
     detector = lookup(DETECTORS, name, "face detector")(**options)
     if landmarks == "flip":
-        from cervl.faces.landmarks import FlipAveraged
-
         detector = FlipAveraged(detector)
     return detector

@@ -7,7 +7,7 @@ true landmarks score like the aligned crops, with MTCNN's they lose about 30 poi
   offsets detector - truth in units of the inter-ocular distance (iod), in the face's own frame (eye line
   horizontal), plus the faces missed. The offsets are the distribution that alignment-noise augmentation
   (:mod:`cervl.augment`) draws from;
-* reduces it (:class:`FlipAveraged`): the detector also runs on the mirrored image, and each face's
+* reduces it (:class:`~cervl.faces.detect.FlipAveraged`): the detector also runs on the mirrored image, and each face's
   landmarks are averaged with its mirrored twin's (left and right swapped back). Errors that do not
   mirror with the face, as a detector's biases and noise mostly do not, partly cancel.
 """
@@ -18,13 +18,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from cervl.faces.detect import Face, FaceDetector
-
-MIRROR = [1, 0, 2, 4, 3]  # left eye <-> right eye, nose, left mouth corner <-> right
-
+from cervl.faces.detect import Face, FaceDetector, FlipAveraged  # noqa: F401  (FlipAveraged: re-exported)
 
 def face_frame(landmarks: np.ndarray) -> tuple[float, np.ndarray]:
     """(inter-ocular distance, 2x2 rotation that turns the eye line horizontal) of 5 landmarks."""
@@ -43,44 +39,6 @@ def offsets(detected: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def nme(detected: np.ndarray, truth: np.ndarray) -> float:
     """Mean point-to-point error over the 5 landmarks, over the inter-ocular distance."""
     return float(np.linalg.norm(detected - truth, axis=1).mean() / face_frame(truth)[0])
-
-
-class FlipAveraged(FaceDetector):
-    """``detector`` on the image and on its mirror; each face's landmarks averaged with its mirrored match."""
-
-    def __init__(self, detector: FaceDetector):
-        self.detector, self.name = detector, f"{detector.name}+flip"
-
-    def detect(self, images) -> list[list[Face]]:
-        images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
-        plain = self.detector.detect(images)
-        mirrored = self.detector.detect([ImageOps.mirror(im.convert("RGB")) for im in images])
-        return [[self._average(f, flipped, im.size[0]) for f in faces]
-                for faces, flipped, im in zip(plain, mirrored, images)]
-
-    @staticmethod
-    def _average(face: Face, flipped: list[Face], width: int) -> Face:
-        best, best_iou = None, 0.5  # a twin must overlap the face well, or the face keeps its own landmarks
-        for g in flipped:
-            box = np.array([width - 1 - g.box[2], g.box[1], width - 1 - g.box[0], g.box[3]])
-            iou = _iou(face.box, box)
-            if iou > best_iou:
-                best, best_iou = g, iou
-        if best is None:
-            return face
-        back = best.landmarks[MIRROR].copy()
-        back[:, 0] = width - 1 - back[:, 0]
-        return Face(face.box, face.score, (face.landmarks + back) / 2)
-
-    def refine(self, images, boxes):
-        return self.detector.refine(images, boxes)  # video tracking: O-Net re-location as before
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def nearest_face(faces: list[Face], truth: np.ndarray) -> Face | None:
