@@ -25,9 +25,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS = {"demo": ROOT / "runs/demo/run",
-                "frame": ROOT / "runs/ablation-original/runs/training-frame",
-                "align-noise": ROOT / "runs/ablation-original/runs/training-align-noise",
-                "align-noise+frame": ROOT / "runs/ablation-original/runs/training-align-noise-frame"}
+                **{name: ROOT / "runs/ablation-original/runs" / f"training-{name.replace('+', '-')}" for name in
+                   ("frame", "align-noise", "align-noise+frame", "vision-lora", "frame+vision-lora",
+                    "align-noise+vision-lora")}}
 
 
 def clips(n_frames: int = 60):
