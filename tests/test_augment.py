@@ -128,6 +128,7 @@ def test_unknown_augmentation_key_and_bad_values_are_named(tmp_path, manifests):
         load_config(path, ["stages.0.augment={erase: 2}"])
 
 
+@pytest.mark.slow
 def test_augmented_balanced_stage_resumes_bit_identically_and_logs_counts(tmp_path, manifests):
     def make(where):
         path = recipe(where, manifests, stages=1, steps=6)

@@ -134,6 +134,7 @@ def cervl(*args):
                           timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow
 def test_explain_cli_writes_maps_report_section_and_au_check(tmp_path, synth):
     out = tmp_path / "ex"
     res = cervl("explain", "--model", "pretrained-tiny", "--manifest", synth, "--split", "train", "-o", out,
@@ -158,6 +159,7 @@ def test_explain_cli_writes_maps_report_section_and_au_check(tmp_path, synth):
     assert res.returncode == 2 and "no where_it_looks.html" in res.stderr
 
 
+@pytest.mark.slow
 def test_explain_cli_on_a_raw_photo_with_align_and_on_video_frames(tmp_path):
     import cv2
     from skimage import data as skdata
