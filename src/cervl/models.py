@@ -210,6 +210,9 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 1024) -> PreTrainedToke
     return fast
 
 
+TOKENIZER_STYLES = ("minimal", "context", "au-describe")  # the styles the shipped base's tokenizer was built from
+
+
 def tokenizer_corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: every prompt style for every label set, and AU captions."""
     from cervl.facs import AUS
@@ -217,7 +220,9 @@ def tokenizer_corpus() -> list[str]:
     from cervl.prompts import PROMPT_STYLES
 
     texts = []
-    for style in PROMPT_STYLES.values():
+    # The vocabulary is frozen with the shipped tiny base (its token ids are in its weights): styles added
+    # since (au-caption's "then name its expression" wording) tokenize through the byte-level fallback.
+    for style in (s for s in PROMPT_STYLES.values() if s.name in TOKENIZER_STYLES):
         for ls in LABEL_SETS.values():
             texts.extend(style.corpus(ls))
     texts += [f"{c}" for c in ALL_CLASSES] * 20
