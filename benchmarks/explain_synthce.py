@@ -37,7 +37,7 @@ METHODS = ("occlusion", "gradient")
 
 def true_class_maps(explainer: Explainer, images, labels) -> list[np.ndarray]:
     """Each image's map of its true class (the one the AU regions are for)."""
-    return [explainer.explain([im], [label])[0].maps[0] for im, label in zip(images, labels)]
+    return [ex.maps[0] for ex in explainer.explain(images, [[label] for label in labels])]
 
 
 def main() -> None:

@@ -221,18 +221,35 @@ class Explainer:
         self.scorer, self.patch, self.stride, self.batch_size = scorer, patch, stride, batch_size
 
     def explain(self, images: list, classes="top2", *, progress: bool = False) -> list[Explanation]:
-        out = []
-        for im in tqdm(images, desc=f"explain ({self.method})", unit="img", disable=not progress):
-            im = load_rgb(im)
-            if self.method == "occlusion":
+        """Maps for ``images``, in order. ``classes``: ``top2``, ``all`` or class names for every image, or one
+        such spec per image (a list of lists). The gradient method runs same-size images in batches."""
+        images = [load_rgb(im) for im in images]
+        per_image = classes if isinstance(classes, list) and classes and isinstance(classes[0], list) else \
+            [classes] * len(images)
+        out: list[Explanation | None] = [None] * len(images)
+        bar = tqdm(total=len(images), desc=f"explain ({self.method})", unit="img", disable=not progress)
+        if self.method == "occlusion":
+            for i, im in enumerate(images):
                 probs, maps = occlusion_maps(self.scorer, im, patch=self.patch, stride=self.stride,
                                              batch_size=self.batch_size)
-                idx = select_classes(probs, classes, self.scorer.classes)
-                out.append(Explanation(probs, idx, maps[idx], self.method))
-            else:
-                probs, idx, maps = gradient_maps(
-                    self.scorer, [im], lambda p: select_classes(p, classes, self.scorer.classes))
-                out.append(Explanation(probs[0], idx[0], maps[0], self.method))
+                idx = select_classes(probs, per_image[i], self.scorer.classes)
+                out[i] = Explanation(probs, idx, maps[idx], self.method)
+                bar.update(1)
+        else:
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, im in enumerate(images):
+                groups.setdefault(im.size, []).append(i)
+            step = max(1, min(self.batch_size, 16))  # a backward pass holds the batch's activations
+            for members in groups.values():
+                for start in range(0, len(members), step):
+                    chunk = members[start:start + step]
+                    pick = iter([per_image[i] for i in chunk])
+                    probs, idx, maps = gradient_maps(self.scorer, [images[i] for i in chunk],
+                                                     lambda p: select_classes(p, next(pick), self.scorer.classes))
+                    for j, i in enumerate(chunk):
+                        out[i] = Explanation(probs[j], idx[j], maps[j], self.method)
+                    bar.update(len(chunk))
+        bar.close()
         return out
 
 
