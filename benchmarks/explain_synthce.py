@@ -74,6 +74,8 @@ def main() -> None:
                 result[f"{method}_maps_per_s"] = len(images) / (time.perf_counter() - t0)
             scores = score_maps(list(zip(labels, maps[name])))
             result[f"{method}_{name}"] = scores
+        np.savez_compressed(args.out.with_name(f"explain_synthce_{method}_maps.npz"), labels=np.array(labels),
+                            **{name: np.stack(m).astype(np.float32) for name, m in maps.items()})
         corr = [rank_correlation(a, b) for a, b in zip(maps["trained"], maps["reinitialized"])]
         result[f"{method}_rank_corr_median"] = float(np.nanmedian(corr))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,10 @@ def test_au_regions_come_from_the_generator_and_score_maps():
     assert 0.03 < region.mean() < 0.15 and not class_region("Neutral").any()
     inside = np.where(region, 1.0, 0.0)
     assert pointing_hit(inside, region) and energy_ratio(inside, region) == pytest.approx(1 / region.mean())
+    plateau = np.zeros((112, 112))
+    ys, xs = np.nonzero(region)
+    plateau[ys[0], :] = 1.0  # a flat maximum along one row that crosses the region: ties count in expectation
+    assert pointing_hit(plateau, region) == pytest.approx(region[ys[0]].mean())
     uniform = np.ones((56, 56))
     assert energy_ratio(uniform, region) == pytest.approx(1.0, abs=0.05)
     scores = score_maps([("Happily Surprised", inside), ("Happily Surprised", -inside)])

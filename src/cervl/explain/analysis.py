@@ -71,7 +71,7 @@ def explain_items(explainer: Explainer, items: list, out: str | Path, *, classes
     # The per-class analysis needs every class's map; occlusion gives them at no extra cost.
     which = "all" if labelled else classes
     ok = [it for it in items if not it.error]
-    rows, small, faces, truths, preds = [], [], [], [], []
+    rows, small, faces, truths, preds, true_maps = [], [], [], [], [], []
     expls = explainer.explain([it.crop if it.crop is not None else it.image for it in ok], which, progress=progress)
     for it, ex in zip(ok, expls):
         face = load_rgb(it.crop if it.crop is not None else it.image)
@@ -88,6 +88,7 @@ def explain_items(explainer: Explainer, items: list, out: str | Path, *, classes
             faces.append(np.asarray(face.resize((ANALYSIS_SIZE * 2,) * 2), dtype=np.float32))
             truths.append(names.index(it.label))
             preds.append(int(ex.probs.argmax()))
+            true_maps.append(ex.maps[ex.classes.index(truths[-1])].astype(np.float32))  # full size: the AU check
     summary = {"method": explainer.method, "n": len(ok), "failed": [{"id": it.id, "error": it.error}
                                                                     for it in items if it.error], "images": rows}
     if labelled and small:
@@ -96,7 +97,7 @@ def explain_items(explainer: Explainer, items: list, out: str | Path, *, classes
         if au_check:
             from cervl.explain.regions import score_maps
 
-            per_class = score_maps([(names[t], s[t]) for s, t in zip(small, truths)])
+            per_class = score_maps([(names[t], m) for m, t in zip(true_maps, truths)])
             atomic_write_text(out / "au_regions.json", json.dumps(per_class, indent=2) + "\n")
             summary["au_regions"] = per_class["overall"]
     atomic_write_text(out / "explain.json", json.dumps(summary, indent=2) + "\n")

@@ -82,10 +82,17 @@ def _resized(saliency: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def pointing_hit(saliency: np.ndarray, region: np.ndarray) -> bool:
-    """The pointing game: does the map's maximum lie inside ``region``? (Maps are resized to the region.)"""
+def pointing_hit(saliency: np.ndarray, region: np.ndarray) -> float:
+    """The pointing game: does the map's maximum lie inside ``region``? (Maps are resized to the region.)
+
+    Occlusion maps have plateaus (every pixel under the same patches gets the same value), so the maximum is
+    often a set of pixels; ties are broken at random, in expectation: the share of maximal pixels inside the
+    region (1 or 0 for a single peak). Taking the first maximal pixel instead would favour the top left.
+    """
     s = _resized(saliency, region.shape[0])
-    return bool(region.flat[int(np.argmax(s))])
+    top = float(s.max())
+    peak = s >= top - 1e-9 * max(1.0, abs(top))
+    return float(region[peak].mean())
 
 
 def energy_ratio(saliency: np.ndarray, region: np.ndarray) -> float:
