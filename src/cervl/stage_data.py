@@ -120,12 +120,11 @@ class StageData:
 
     def prepare(self, step: int) -> list[dict]:
         """This process's share of every micro-batch of ``step`` (a pure function of the step number)."""
-        stage, micro = self.stage, []
-        for a in range(stage.grad_accum):
-            first = step * self.global_batch + a * stage.batch_size * self.world + self.rank * stage.batch_size
-            micro.append(self.mixture.take(first, stage.batch_size))
+        stage = self.stage
+        # stream position of this process's first sample in each micro-batch (augmented views are keyed by it)
         firsts = [step * self.global_batch + a * stage.batch_size * self.world + self.rank * stage.batch_size
                   for a in range(stage.grad_accum)]
+        micro = [self.mixture.take(first, stage.batch_size) for first in firsts]
         views = [[self.view(first + j, s) for j, s in enumerate(mb)] for first, mb in zip(firsts, micro)]
         encoded = [[encode_sample(self.processor, self.prompt, image, stage.style.answer(s.record.label, s.record.aus),
                                   max_length=self.cfg.max_length, sample_name=s.name)
