@@ -52,6 +52,7 @@ def train_rate(model, proc, device: str, batch: int, steps: int) -> dict:
     from cervl.encode import collate, encode_sample, prompt_text
     from cervl.labels import get_label_set
     from cervl.models import apply_lora, lora_target_regex
+    from cervl.models import ACCEPTS_ENCODER_OUTPUTS
     from cervl.objective import AnswerObjective, VisionCache
     from cervl.prompts import get_prompt_style
 
@@ -61,7 +62,10 @@ def train_rate(model, proc, device: str, batch: int, steps: int) -> dict:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     prefix = ids[: ids.index(tok.convert_tokens_to_ids("<|vision_start|>"))]
     model = apply_lora(model, rank=16, alpha=32, dropout=0.05, target_regex=lora_target_regex())
-    objective = AnswerObjective(model, prefix=prefix, vision_cache=VisionCache(model, proc, None, 8192))
+    # transformers before 5.2x takes no precomputed image features: train without the vision cache there,
+    # as decide_levers does (each timed step sees new images anyway, so the cache would only show its cost)
+    cache = VisionCache(model, proc, None, 8192) if ACCEPTS_ENCODER_OUTPUTS else None
+    objective = AnswerObjective(model, prefix=prefix, vision_cache=cache)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rng = np.random.default_rng(0)
     pool = [Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(batch)]
@@ -84,7 +88,7 @@ def train_rate(model, proc, device: str, batch: int, steps: int) -> dict:
     n_text = sum(v.numel() for k, v in model.named_parameters() if "visual" not in k and "lora_" not in k)
     tokens = p + batch * (seq - p)  # the prefix once, every suffix
     flops = 4 * n_text * tokens  # forward 2N + backward through activations 2N (LoRA: frozen base weights)
-    return {"seq_len": seq, "prefix": p, "step_s": dt, "samples_per_s": batch / dt,
+    return {"seq_len": seq, "prefix": p, "vision_cache": cache is not None, "step_s": dt, "samples_per_s": batch / dt,
             "tflops": flops / dt / 1e12, "mfu": flops / dt / H200_BF16_FLOPS, "loss": loss.item(), "model": model}
 
 
