@@ -115,3 +115,25 @@ def test_compose_train_eval_end_to_end(synth, tmp_path):
     res = cervl("eval", tmp_path / "run" / "eval" / "test_predictions.jsonl", "-o", tmp_path / "rep")
     assert "(n=11)" in res.stdout
     assert json.loads((tmp_path / "run" / "stages" / "00-composed" / "DONE.json").read_text())["steps"] == 2
+
+
+def test_a_failed_compose_leaves_the_earlier_output_intact(synth, tmp_path):
+    cervl("compose", synth / "m" / "synthce-basic-aligned.jsonl", "-o", tmp_path / "c", "--per-class", "2")
+    before = _tree_bytes(tmp_path / "c")
+    assert sum(k.startswith("images/") for k in before) == 22
+    typo = synth / "m" / "synthce-basic-aligend.jsonl"
+    res = subprocess.run([sys.executable, "-m", "cervl.cli", "compose", typo, "-o", tmp_path / "c", "--per-class", "3"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1 and "not found" in res.stderr
+    assert _tree_bytes(tmp_path / "c") == before  # the manifest and every image it lists, byte for byte
+    m = read_manifest(tmp_path / "c" / "manifest.jsonl")
+    assert len(m) == 22 and all(m.image_path(r).is_file() for r in m)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no scratch folder left beside it
+    # a good run replaces the output as a whole; a file compose did not write stops it before anything changes
+    cervl("compose", synth / "m" / "synthce-basic-aligned.jsonl", "-o", tmp_path / "c", "--per-class", "1")
+    assert len(read_manifest(tmp_path / "c" / "manifest.jsonl")) == 11
+    assert sum(k.startswith("images/") for k in _tree_bytes(tmp_path / "c")) == 11
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    res = subprocess.run([sys.executable, "-m", "cervl.cli", "compose", synth / "m" / "synthce-basic-aligned.jsonl",
+                          "-o", tmp_path / "c"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "notes.txt" in res.stderr and (tmp_path / "c" / "notes.txt").read_text() == "mine"

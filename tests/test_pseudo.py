@@ -1,12 +1,13 @@
 """``cervl pseudo-label``: which frames become compound labels (issue 21, item 2)."""
 
 import json
+from collections import Counter
 import subprocess
 import sys
 
 import pytest
 
-from cervl.data.manifest import Record, read_manifest
+from cervl.data.manifest import Record, read_manifest, write_manifest
 from cervl.data.prepare import prepare_synthce
 from cervl.labels import get_label_set
 from cervl.pseudo import Frame, coverage, select, stable
@@ -15,12 +16,12 @@ from helpers import train_quick
 COMPOUND = get_label_set("rafdb-compound")
 
 
-def frame(n, top, p, basic="Happiness", video="v"):
+def frame(n, top, p, basic="Happiness", video="v", face="", split="train"):
     probs = {c: (1 - p) / (len(COMPOUND) - 1) for c in COMPOUND.classes}
     probs[top] = p
-    rec = Record(image=f"{video}/{n:05d}.jpg", label=basic, label_set="rafdb-basic", split="train", dataset="aw",
-                 video=video, frame=n)
-    return Frame(rec, f"/data/{video}/{n:05d}.jpg", probs)
+    rec = Record(image=f"{video}/{n:05d}{face}.jpg", label=basic, label_set="rafdb-basic", split=split, dataset="aw",
+                 id=f"{video}/{n:05d}{face}", video=video, frame=n)
+    return Frame(rec, f"/data/{video}/{n:05d}{face}.jpg", probs)
 
 
 def test_the_right_frames_are_kept_on_a_hand_made_sequence():
@@ -51,6 +52,37 @@ def run(tmp_path_factory):
     return base
 
 
+def test_cli_pseudo_label_keeps_splits_and_says_so(run, tmp_path):
+    manifest = run / "m" / "synthce-compound-aligned.jsonl"
+    res = subprocess.run([sys.executable, "-m", "cervl.cli", "pseudo-label", "--run", run / "run", "--manifest",
+                          manifest, "-o", tmp_path / "p.jsonl", "--threshold", "0.01"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_manifest(manifest)
+    split_of = {str(m.image_path(r)): r.split for r in m}
+    kept = read_manifest(tmp_path / "p.jsonl")
+    counts = Counter(r.split for r in m)
+    assert len(kept) == len(m) and set(counts) == {"train", "val", "test"}
+    assert all(r.split == split_of[r.image] for r in kept)  # val and test frames do not become training data
+    summary = json.loads((tmp_path / "p.jsonl.summary.json").read_text())
+    assert summary["splits"] == ["test", "train", "val"] and summary["per_split"] == dict(sorted(counts.items()))
+    assert f"test: {counts['test']}" in res.stdout and "keeps its own" in res.stdout
+
+
+def test_a_basic_run_is_refused_in_one_line(run, tmp_path):
+    basic = train_quick(tmp_path, run / "m" / "synthce-basic-aligned.jsonl", label_set="rafdb-basic", name="basic")
+    m = read_manifest(run / "m" / "synthce-basic-aligned.jsonl")
+    write_manifest(tmp_path / "unlabelled.jsonl",
+                   [Record(**{**r.to_json(), "image": str(m.image_path(r)), "root": None, "label": None}) for r in m])
+    for frames in (run / "m" / "synthce-basic-aligned.jsonl", tmp_path / "unlabelled.jsonl"):  # labelled, unlabelled
+        res = subprocess.run([sys.executable, "-m", "cervl.cli", "pseudo-label", "--run", basic, "--manifest", frames,
+                              "-o", tmp_path / "p.jsonl", "--threshold", "0.01"], capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+        assert "needs a compound run" in res.stderr and "rafdb-basic" in res.stderr
+        assert not (tmp_path / "p.jsonl").exists()
+
+
 def test_cli_pseudo_label_with_truth(run, tmp_path):
     manifest = run / "m" / "synthce-compound-aligned.jsonl"
     res = subprocess.run([sys.executable, "-m", "cervl.cli", "pseudo-label", "--run", run / "run", "--manifest",
@@ -64,3 +96,24 @@ def test_cli_pseudo_label_with_truth(run, tmp_path):
     assert len(kept) == summary["kept"]
     assert all(r.provenance["p"] >= 0.05 and r.label in COMPOUND for r in kept)
     assert [r["threshold"] for r in summary["coverage"]] == [0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def test_the_window_counts_records_of_the_same_track_not_frame_numbers():
+    hs, sa = "Happily Surprised", "Sadly Angry"
+    # frames prepared --every 3: the middle frame flickers, and its neighbours are 3 frame numbers away
+    every3 = [frame(n, sa if n == 7 else hs, 0.9) for n in (1, 4, 7, 10, 13)]
+    assert stable(every3, 1) == [True, False, False, False, True]
+    assert [r.frame for r in select(every3, COMPOUND, threshold=0.7, window=1, run="r")] == [1, 13]
+    # two faces in each frame (cervl align --faces all names the second "#face1"): a steady face beside a
+    # flickering one; each is judged on its own track
+    two = [f for n in range(1, 5) for f in (frame(n, hs, 0.9), frame(n, (sa, hs)[n % 2], 0.9, face="#face1"))]
+    assert stable(two, 1) == [True, False] * 4
+    # records out of frame order are ordered by frame within their track
+    assert stable(list(reversed(every3)), 1) == [True, False, False, False, True]
+
+
+def test_each_kept_record_keeps_its_split():
+    hs = "Happily Surprised"
+    seq = [frame(1, hs, 0.9, split="train"), frame(2, hs, 0.9, split="val", video="w"),
+           frame(3, hs, 0.9, split="test", video="x")]
+    assert [r.split for r in select(seq, COMPOUND, threshold=0.7, window=2, run="r")] == ["train", "val", "test"]

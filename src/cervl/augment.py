@@ -17,7 +17,12 @@ return another view's features.
 Alignment noise is the remedy aimed at the measured aligned-versus-original gap: a record that has its
 original image and true landmarks (SynthCE, RAF-DB's manual annotations) is aligned from those landmarks
 plus an offset drawn from the detector's measured errors (``cervl landmark-error``), so training sees
-the crops the detector will give at prediction time.
+the crops the detector will give at prediction time. The landmarks are always those of the image the
+record names, in its pixels (:meth:`cervl.data.manifest.Record.landmarks_for_image`): an aligned crop
+(``cervl align`` output) is re-aligned from its own points, so with zero noise its view is the crop itself
+and the noise moves it by the small similarity the offsets imply. The crop is used rather than its
+``source``: a source can be a video or absent where the dataset was moved, and a view must depend only on the
+record's image.
 """
 
 from __future__ import annotations
@@ -151,7 +156,13 @@ class Augmenter:
         """What to add to the image's cache key: the view, or None when the view must not be cached."""
         return f"view{key[-1]}" if self.spec.views else None
 
+    @property
+    def uses_landmarks(self) -> bool:
+        """Whether views need the record's landmarks (alignment noise), given in the pixels of the image."""
+        return self.offsets is not None
+
     def __call__(self, image: Image.Image, key: tuple[int, ...], landmarks=None) -> Image.Image:
+        """The view ``key`` of ``image``; ``landmarks``: five points in ``image``'s pixels (alignment noise)."""
         rng = np.random.default_rng(list(key))
         s = self.spec
         if self.offsets is not None and landmarks is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cervl.data.mixture import Sample, load_samples
+from cervl.errors import UserError
 from cervl.labels import LabelSet
 from cervl.metrics import accuracy, confusion_matrix, macro_f1
 from cervl.predict.predictor import Item, Predictor, write_predictions
@@ -46,10 +47,15 @@ def score_samples(predictor: Predictor, samples: list[Sample], *, progress: bool
         from cervl.faces.align import align_face
 
         for item, s in zip(items, samples):
-            if s.record.landmarks is None:
-                item.error = "no landmarks in the manifest record"
+            image = load_rgb(s.path)
+            try:  # in the pixels of the image opened (cervl align's records store the photo's)
+                landmarks = s.record.landmarks_for_image(image.size)
+            except UserError as e:
+                landmarks, item.error = None, str(e)
+            if landmarks is None:
+                item.error = item.error or "no landmarks in the manifest record"
             else:
-                item.crop = align_face(load_rgb(s.path), np.asarray(s.record.landmarks), 112)[0]
+                item.crop = align_face(image, landmarks, 112)[0]
     return list(predictor.predict(items, mode="score", progress=progress))
 
 

@@ -6,18 +6,26 @@ frame is kept as compound class C (the run's top class) when all of these hold:
 * C's two components include the frame's annotated basic emotion, where it has one (a frame annotated
   "Happiness" may become "Happily Surprised", never "Sadly Angry");
 * p(C) is at least ``threshold``;
-* C is the top class of every scored frame within ``window`` frames around it in the same video (a class that
-  flickers for one frame is not a label). Images outside any video skip this check.
+* C is the top class of the ``window`` scored records before and after it in its track (a class that flickers
+  for one frame is not a label). A track is one face of one video: the records of the same ``video`` and face
+  (``subject``, or the ``#faceK`` that ``cervl align --faces all`` adds to the id), ordered by frame number, so
+  frames prepared ``--every 3`` have neighbours and two faces in one frame are judged apart. Images outside any
+  video skip this check.
 
-The output manifest carries each kept frame's probability and where it came from (``provenance``).
+The run must be a compound run (every class of its label set compound); a basic run is refused. Each output
+record is its input record relabelled: it keeps its split (a val or test frame stays evaluation data), its
+image, ``source``, landmarks (and their frame), ``bbox`` and ``aus``, and carries the kept class's probability
+and where it came from (``provenance``).
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cervl.data.manifest import Record
+from cervl.errors import InvalidInput
 from cervl.labels import LabelSet, components, is_compound
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -37,22 +45,28 @@ class Frame:
         return c, self.probs[c]
 
 
+def track(record: Record) -> tuple:
+    """The face a video record shows: its video, ``subject`` and face number (``#faceK`` of the id, 0 without)."""
+    face = re.search(r"#face(\d+)$", record.id or "")
+    return record.video, record.subject, int(face.group(1)) if face else 0
+
+
 def stable(frames: list[Frame], window: int) -> list[bool]:
-    """For each frame, whether its top class is the top class of every scored frame of the same video within
-    ``window`` frames of it (frame numbers, not list positions); True outside videos or with ``window`` 0."""
-    by_video: dict[str, dict[int, str]] = defaultdict(dict)
-    for f in frames:
+    """For each frame, whether its top class is the top class of the ``window`` scored records before and after
+    it in its :func:`track`, ordered by frame number (records, not frame numbers: with frames taken every 3rd
+    the neighbours are 3 frames apart); True outside videos or with ``window`` 0."""
+    tracks: dict[tuple, list[int]] = defaultdict(list)
+    for i, f in enumerate(frames):
         if f.record.video is not None and f.record.frame is not None:
-            by_video[f.record.video][f.record.frame] = f.top[0]
-    out = []
-    for f in frames:
-        r = f.record
-        if window <= 0 or r.video is None or r.frame is None:
-            out.append(True)
-            continue
-        tops = by_video[r.video]
-        near = [tops[n] for n in range(r.frame - window, r.frame + window + 1) if n in tops]
-        out.append(all(t == tops[r.frame] for t in near))
+            tracks[track(f.record)].append(i)
+    out = [True] * len(frames)
+    if window <= 0:
+        return out
+    for members in tracks.values():
+        members.sort(key=lambda i: (frames[i].record.frame, i))
+        tops = [frames[i].top[0] for i in members]
+        for k, i in enumerate(members):
+            out[i] = all(t == tops[k] for t in tops[max(0, k - window):k + window + 1])
     return out
 
 
@@ -66,19 +80,30 @@ def keep(frame: Frame, threshold: float, is_stable: bool) -> str | None:
 
 
 def select(frames: list[Frame], label_set: LabelSet, *, threshold: float, window: int, run: str) -> list[Record]:
-    """The kept frames as compound training records (split ``train``, ``dataset: pseudo``)."""
+    """The kept frames as compound records (``dataset: pseudo``): each is its input record with the compound
+    label, its split and every other field kept (image made absolute, the landmarks' frame stated)."""
     out = []
     for f, ok in zip(frames, stable(frames, window)):
         c = keep(f, threshold, ok)
         if c is None:
             continue
         r = f.record
-        out.append(Record(image=f.image, label=c, label_set=label_set.name, split="train", dataset="pseudo",
-                          id=f"pseudo/{r.sample_id}", video=r.video, frame=r.frame, landmarks=r.landmarks,
-                          variant=r.variant, subject=r.subject,
-                          provenance={"mode": "pseudo-label", "from": f.image, "p": round(f.probs[c], 6),
-                                      "annotated": r.label, "run": run, "threshold": threshold, "window": window}))
+        points = r.landmarks is not None or r.bbox is not None
+        out.append(replace(r, image=f.image, root=None, label=c, label_set=label_set.name, dataset="pseudo",
+                           id=f"pseudo/{r.sample_id}", landmarks_frame=r.frame_of_landmarks if points else None,
+                           provenance={"mode": "pseudo-label", "from": f.image, "p": round(f.probs[c], 6),
+                                       "annotated": r.label, "run": run, "threshold": threshold, "window": window}))
     return out
+
+
+def compound_labels(run) -> LabelSet:
+    """The label set of ``run`` (read from its description, before any model loads), refused unless compound."""
+    labels = _run_label_set(run)
+    basic = [c for c in labels.classes if not is_compound(c)]
+    if basic:
+        raise InvalidInput(f"{run}: pseudo-label needs a compound run, and this run's label set {labels.name!r} "
+                           f"has non-compound classes ({', '.join(basic[:4])}{', ...' if len(basic) > 4 else ''})")
+    return labels
 
 
 def coverage(frames: list[Frame], *, window: int, thresholds=THRESHOLDS, truth: dict[str, str] | None = None) -> list[dict]:
@@ -109,21 +134,19 @@ def pseudo_label(run, manifest, out, *, splits: list[str] | None = None, thresho
     from pathlib import Path
 
     from cervl.data.manifest import atomic_write_text, read_manifest, write_manifest
-    from cervl.errors import InvalidInput
     from cervl.predict.predictor import Item, Predictor
 
     if not 0 < threshold <= 1 or window < 0:
         raise InvalidInput(f"--threshold must be in (0, 1] and --window >= 0 (got {threshold}, {window})")
+    label_set = compound_labels(run)
     m = read_manifest(manifest)
     records = [r for r in m if not splits or r.split in splits]
     if not records:
         raise InvalidInput(f"{manifest}: no records in split(s) {splits}")
-    predictor = None
     if rows is None:
         predictor = Predictor.from_run(run)
         items = [Item(id=r.sample_id, image=m.image_path(r), label=None, video=r.video, frame=r.frame) for r in records]
         rows = list(predictor.predict(items, batch_size=batch_size))
-    label_set = predictor.label_set if predictor else _run_label_set(run)
     frames = [Frame(r, str(m.image_path(r)), row["probs"]) for r, row in zip(records, rows) if row.get("probs")]
     kept = select(frames, label_set, threshold=threshold, window=window, run=str(run))
     write_manifest(out, kept)
@@ -132,8 +155,10 @@ def pseudo_label(run, manifest, out, *, splits: list[str] | None = None, thresho
         t = read_manifest(truth_from)
         truth = {str(t.image_path(r)): r.label for r in t}
     table = coverage(frames, window=window, truth=truth)
-    summary = {"run": str(run), "manifest": str(manifest), "splits": splits, "threshold": threshold, "window": window,
-               "scored": len(frames), "unscored": len(records) - len(frames), "kept": len(kept),
+    # every record keeps its split: say which, so no one trains on val/test frames by surprise
+    summary = {"run": str(run), "manifest": str(manifest), "splits": sorted({r.split for r in records}),
+               "threshold": threshold, "window": window, "scored": len(frames), "unscored": len(records) - len(frames),
+               "kept": len(kept), "per_split": dict(sorted(Counter(r.split for r in kept).items())),
                "per_class": dict(Counter(r.label for r in kept)), "coverage": table}
     atomic_write_text(Path(str(out) + ".summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
@@ -145,4 +170,4 @@ def _run_label_set(run) -> LabelSet:
     return RunMeta.read(run).labels
 
 
-__all__ = ["Frame", "THRESHOLDS", "coverage", "keep", "pseudo_label", "select", "stable"]
+__all__ = ["Frame", "THRESHOLDS", "compound_labels", "coverage", "keep", "pseudo_label", "select", "stable", "track"]

@@ -95,7 +95,9 @@ class StageData:
             return image, (self._hash(sample.path) if self.hash_images else None)
         epoch, index = divmod(position, self.mixture.per_epoch)
         key = self.augmenter.key(str(sample.path), epoch, index)
-        image = self.augmenter(image, key, sample.record.landmarks)
+        # landmarks in the pixels of the image just opened (cervl align stores the photo's: Record maps them)
+        landmarks = sample.record.landmarks_for_image(image.size) if self.augmenter.uses_landmarks else None
+        image = self.augmenter(image, key, landmarks)
         tag = self.augmenter.cache_tag(key)
         return image, (f"{self._hash(sample.path)}:{tag}" if self.hash_images and tag else None)
 

@@ -70,8 +70,9 @@ def run_compose(args) -> int:
 
 
 def run_pseudo_label(args) -> int:
-    from cervl.pseudo import pseudo_label
+    from cervl.pseudo import compound_labels, pseudo_label
 
+    compound_labels(args.run)  # a basic run is refused before anything is scored
     rows = None
     if args.engine == "ray":  # the frames are scored on the cluster, then selected here
         rows = _ray_rows(args)
@@ -79,6 +80,8 @@ def run_pseudo_label(args) -> int:
                      window=args.window, batch_size=args.batch_size, rows=rows, truth_from=args.truth)
     print(f"kept {s['kept']} of {s['scored']} scored frames as compound labels in {args.out}"
           + (f" ({s['unscored']} could not be scored)" if s["unscored"] else ""))
+    print(f"splits: each record keeps its own (read {', '.join(s['splits'])}; kept "
+          f"{_counts(s['per_split']) or 'none'})")
     print(f"per class: {_counts(s['per_class'])}")
     print("threshold  kept   coverage" + ("  precision" if "precision" in s["coverage"][0] else ""))
     for r in s["coverage"]:

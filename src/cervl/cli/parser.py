@@ -142,14 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("pseudo-label", help="label basic-labelled or unlabelled frames with a trained compound run",
             description="Keeps a frame as compound class C when C's components include its annotated basic emotion "
-                        "(if any), p(C) >= --threshold, and C is the top class of every frame within --window frames "
-                        "of it in the same video. Prints per-class counts and the coverage at several thresholds.")
+                        "(if any), p(C) >= --threshold, and C is the top class of the --window records before and "
+                        "after it in its track (same video and face, by frame). Each kept record keeps its split. "
+                        "Prints per-class counts and the coverage at several thresholds. RUN must be a compound run.")
     p.add_argument("--run", required=True, type=Path, help="a compound run (cervl train)")
     p.add_argument("--manifest", required=True, type=Path, help="the frames: basic-labelled (Aff-Wild2) or unlabelled")
-    p.add_argument("--split", action="append", help="manifest split(s) (default: all)")
+    p.add_argument("--split", action="append", help="manifest split(s) (default: all; every record keeps its split)")
     p.add_argument("-o", "--out", required=True, type=Path, help="the pseudo-labelled manifest (.jsonl)")
     p.add_argument("--threshold", type=float, default=0.7, help="smallest p(C) kept (default 0.7)")
-    p.add_argument("--window", type=int, default=2, help="frames on each side that must agree (default 2; 0: off)")
+    p.add_argument("--window", type=int, default=2, help="records of the same track on each side that must agree "
+                   "(default 2; 0: off)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--truth", type=Path, help="a manifest of the same images with true compound labels: report "
                    "precision too (for measuring, e.g. on SynthCE)")

@@ -14,6 +14,11 @@ Pairs come from the same person where the data says who that is (``video`` or ``
 faces with the most similar landmark geometry, else at random; an image is never paired with itself. Every
 output record names its two sources, the mode and the weights (``provenance``). The same seed gives the same
 bytes with any number of workers: each sample draws from its own random stream.
+
+Every input is checked before anything is written (the manifest, each image, each record's landmarks, taken in
+the frame of the image opened: :meth:`~cervl.data.manifest.Record.landmarks_for_image`); the output is built in
+a scratch folder of its own beside ``OUT`` and replaces ``OUT`` as a whole at the end, so a failed run leaves
+an earlier output as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +37,11 @@ import numpy as np
 from PIL import Image
 
 from cervl.data.images import load_rgb
-from cervl.data.manifest import Record, atomic_write_text, read_manifest, write_manifest
+from cervl.data.manifest import ManifestError, Record, atomic_write_text, read_manifest, write_manifest
 from cervl.errors import InvalidInput
 from cervl.facs import PROTOTYPES
+from cervl.faces.align import align_face, apply_affine, fit_similarity
+from cervl.fsio import swap_in
 from cervl.labels import LabelSet, components, get_label_set
 from cervl.workers import ignore_interrupts, start_workers
 
@@ -43,6 +52,8 @@ TEMPLATE_EYE_Y, TEMPLATE_NOSE_Y = 51.6, 71.74  # the 5-point template's eye line
 SEAM_AT = 0.7  # the seam lies 70% of the way from the eye line to the nose tip: under the lids, above the nostrils
 MODES = ("region", "mixup")
 MARKER = "compose.json"
+OUTPUTS = ("images", "manifest.jsonl", MARKER, "sample_sheet.png")  # everything a compose output holds
+SCRATCH_MARKER = ".cervl-compose-scratch"
 
 
 def _presence(emotion: str) -> dict[int, float]:
@@ -105,7 +116,7 @@ class Face:
     label: str
     person: str | None  # video or subject
     geometry: tuple | None  # landmarks normalised by the eye centre and distance
-    landmarks: list | None  # in the aligned crop (seam row), when the record gives them for an aligned crop
+    landmarks: list | None  # in the aligned crop's pixels (seam row), when the record gives them for an aligned crop
     align_from: list | None = None  # landmarks of an unaligned image: it is aligned to the template first
 
 
@@ -188,10 +199,9 @@ def _aligned(face: Face, size: int) -> tuple[np.ndarray, list | None]:
     landmarks in that crop when the record gives them (None: the template's)."""
     image = load_rgb(face.path)
     if face.align_from is not None:
-        from cervl.faces.align import align_face
-
-        crop, _ = align_face(image, np.asarray(face.align_from, dtype=np.float64), size)
-        return np.asarray(crop, dtype=np.float64), None
+        points = np.asarray(face.align_from, dtype=np.float64)
+        crop, m = align_face(image, points, size)
+        return np.asarray(crop, dtype=np.float64), apply_affine(m, points).tolist()
     scale = size / image.size[0]
     lm = None if face.landmarks is None else (np.asarray(face.landmarks, dtype=float) * scale).tolist()
     return np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float64), lm
@@ -207,7 +217,11 @@ def _slug(name: str) -> str:
 
 
 def load_faces(manifest: str | Path, splits: list[str]) -> tuple[dict[str, list[Face]], Counter]:
-    """The usable basic-labelled faces of ``manifest`` by emotion, and the bad ones counted by reason."""
+    """The usable basic-labelled faces of ``manifest`` by emotion, and the unreadable images counted by reason.
+
+    Landmarks are taken in the pixels of the image each record names (``cervl align`` stores the photo's);
+    landmarks that cannot be used there are the manifest's error, raised naming the file and the record.
+    """
     m = read_manifest(manifest)
     faces: dict[str, list[Face]] = {}
     bad: Counter = Counter()
@@ -216,15 +230,28 @@ def load_faces(manifest: str | Path, splits: list[str]) -> tuple[dict[str, list[
             continue
         path = str(m.image_path(r))
         try:
-            load_rgb(path)
+            image = load_rgb(path)
         except InvalidInput as e:
             bad[str(e).split(": ", 1)[-1].split(" (")[0][:60]] += 1
             continue
-        aligned = r.variant == "aligned" or r.landmarks is None
-        faces.setdefault(r.label, []).append(Face(path, r.label, r.video or r.subject, _geometry(r.landmarks),
-                                                  r.landmarks if aligned else None,
-                                                  None if aligned else r.landmarks))
+        lm = _usable_landmarks(r, image.size, m.path)
+        aligned = r.variant == "aligned" or lm is None
+        faces.setdefault(r.label, []).append(Face(path, r.label, r.video or r.subject, _geometry(lm),
+                                                  lm if aligned else None, None if aligned else lm))
     return faces, bad
+
+
+def _usable_landmarks(r: Record, size: tuple[int, int], file) -> list | None:
+    """``r``'s landmarks in the pixels of its image (of ``size``), checked to define an alignment."""
+    try:
+        lm = r.landmarks_for_image(size)
+        if lm is not None:
+            fit_similarity(lm, lm)  # five coincident points define no face
+    except ManifestError as e:
+        raise ManifestError(e.detail, file=file, field=e.field) from None
+    except ValueError as e:
+        raise ManifestError(f"record {r.sample_id!r}: landmarks {e}", file=file, field="landmarks") from None
+    return None if lm is None else lm.tolist()
 
 
 def compose(manifest: str | Path, out: str | Path, settings: ComposeSettings, *, splits: list[str] | None = None,
@@ -234,41 +261,74 @@ def compose(manifest: str | Path, out: str | Path, settings: ComposeSettings, *,
         raise InvalidInput(f"--mode must be one of {MODES}, got {settings.mode!r}")
     if settings.per_class < 1 or not 0 <= settings.mix[0] <= settings.mix[1] <= 1:
         raise InvalidInput("--per-class must be >= 1 and the mixup range within [0, 1], low <= high")
-    out, target = Path(out), get_label_set(settings.label_set)
-    _claim(out)
+    out, target = Path(os.path.abspath(out)), get_label_set(settings.label_set)  # "." or "a/..": a real name
+    _check_out(out)  # before reading anything, and it deletes nothing
     faces, bad = load_faces(manifest, splits or ["train"])
     jobs = _jobs(faces, settings, target)
     if not jobs:
         raise InvalidInput(f"{manifest}: no compound class of {target.name!r} has both of its components among "
                            f"the labels found ({sorted(faces)})")
+    new, old = _scratch(out, "new"), _scratch(out, "old")
+    try:
+        summary = _build(new, jobs, settings, target, workers)
+        summary.update(manifest=str(manifest), bad_inputs=dict(bad))
+        atomic_write_text(new / MARKER, json.dumps(summary, indent=2) + "\n")
+        (new / SCRATCH_MARKER).unlink()
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # our own scratch folder; OUT is untouched
+        raise
+    swap_in(new, out, old)  # OUT is replaced as a whole: never half old, half new
+    return summary
+
+
+def _build(new: Path, jobs: list[tuple], settings: ComposeSettings, target: LabelSet, workers: int) -> dict:
+    """Write the composed images, the manifest and the sample sheet into the scratch folder ``new``."""
     chunks = [jobs[i:i + 64] for i in range(0, len(jobs), 64)]
     if workers > 1:
         with start_workers() as ctx:
             pool = ctx.Pool(workers, initializer=ignore_interrupts)
         with pool:
-            records = [r for part in pool.imap(_make_many, [(ch, settings, str(out)) for ch in chunks]) for r in part]
+            records = [r for part in pool.imap(_make_many, [(ch, settings, str(new)) for ch in chunks]) for r in part]
     else:
-        records = [r for ch in chunks for r in _make_many((ch, settings, str(out)))]
-    write_manifest(out / "manifest.jsonl", [Record(**r) for r in records])
-    summary = {"format": "cervl-compose", "manifest": str(manifest), "settings": settings.__dict__ | {"mix": list(settings.mix)},
-               "samples": len(records), "per_class": dict(Counter(r["label"] for r in records)),
-               "skipped_classes": [c for c in target.classes if c not in {r["label"] for r in records}],
-               "bad_inputs": dict(bad), "assignment": assignment_table(target) if settings.mode == "region" else None}
-    atomic_write_text(out / MARKER, json.dumps(summary, indent=2) + "\n")
-    write_sheet(out / "sample_sheet.png", out, records, target.classes)
-    return summary
+        records = [r for ch in chunks for r in _make_many((ch, settings, str(new)))]
+    write_manifest(new / "manifest.jsonl", [Record(**r) for r in records])
+    write_sheet(new / "sample_sheet.png", new, records, target.classes)
+    return {"format": "cervl-compose", "manifest": None, "settings": settings.__dict__ | {"mix": list(settings.mix)},
+            "samples": len(records), "per_class": dict(Counter(r["label"] for r in records)),
+            "skipped_classes": [c for c in target.classes if c not in {r["label"] for r in records}],
+            "bad_inputs": {}, "assignment": assignment_table(target) if settings.mode == "region" else None}
 
 
-def _claim(out: Path) -> None:
-    """``out`` must be new, empty, or an earlier ``cervl compose`` output (whose images are replaced)."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+def _check_out(out: Path) -> None:
+    """``out`` must be new, empty, or an earlier ``cervl compose`` output holding only what compose writes (it is
+    replaced as a whole, so anything else in it would be lost)."""
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"-o {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MARKER).is_file():
         raise InvalidInput(f"-o {out} is not empty and is not a `cervl compose` output (no {MARKER}): choose a new "
                            f"or empty folder")
+    foreign = [p for p in out.iterdir() if p.name not in OUTPUTS]
     if (out / "images").is_dir():
-        for p in (out / "images").rglob("*.jpg"):  # only our own images, named as we name them
-            if re.fullmatch(r"\d{5}\.jpg", p.name):
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        foreign += [p for p in (out / "images").rglob("*") if p.is_file() and not re.fullmatch(r"\d{5}\.jpg", p.name)]
+    if foreign:
+        raise InvalidInput(f"-o {out} is a `cervl compose` output that also holds {foreign[0]}, which compose did not "
+                           f"write and replacing the output would delete: move it, or choose a new folder")
+
+
+def _scratch(out: Path, kind: str) -> Path:
+    """The scratch folder ``new`` (made here, empty) or ``old`` (the name swap_in moves ``out`` to) beside
+    ``out``. A leftover of an interrupted run must be recognisably compose's own; a leftover ``new`` is removed,
+    a leftover ``old`` is kept until the new output is in place (it may be the only complete copy)."""
+    path = out.parent / f".{out.name}.compose-{kind}"
+    if path.exists() and not ((path / SCRATCH_MARKER).is_file() or (path / MARKER).is_file()):
+        raise InvalidInput(f"{path} exists and is not a `cervl compose` scratch folder: move it away")
+    if kind == "new":
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        (path / SCRATCH_MARKER).write_text("cervl compose builds its output here, then moves it in place\n")
+    return path
 
 
 def write_sheet(path: Path, out: Path, records: list[dict], classes: tuple[str, ...], cell: int = 150) -> None:

@@ -2,8 +2,11 @@
 
 A record's ``image`` is absolute, or relative to its ``root``; ``root`` itself is absolute or
 relative to the manifest file's folder (so a dataset and its manifest can move together).
-``landmarks`` and ``bbox`` are in the pixel coordinates of ``image``, or of ``source`` when a record
-has one (``cervl align`` writes crops whose ``source`` is the photo the face was found in).
+``landmarks`` and ``bbox`` are in the pixel coordinates of the image ``landmarks_frame`` names: ``image``
+or ``source`` (``cervl align`` writes crops whose ``source`` is the photo the face was found in, with the
+points in the photo's pixels, and says so). A record without the field (manifests written before it) is read
+by the old rule: ``source`` when the record has a source, else ``image``. Consumers never read ``landmarks``
+raw: :meth:`Record.landmarks_for_image` gives them in the pixels of the image the consumer opens.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
+
 from cervl.errors import InvalidInput
 from cervl.labels import get_label_set
 from cervl.registry import suggest
 
 SPLITS = ("train", "val", "test")
 VARIANTS = ("aligned", "original")
+LANDMARK_FRAMES = ("image", "source")
 
 
 class ManifestError(InvalidInput):
@@ -57,11 +63,45 @@ class Record:
     source: str | None = None
     subject: str | None = None  # who the face belongs to, where the dataset says (pairs faces of one person)
     provenance: dict | None = None  # how a made sample was made (cervl compose, cervl pseudo-label)
+    landmarks_frame: str | None = None  # the image landmarks and bbox are in: image | source (None: see frame_of_landmarks)
 
     @property
     def sample_id(self) -> str:
         """A stable id: the explicit ``id`` or the image path."""
         return self.id or self.image
+
+    @property
+    def frame_of_landmarks(self) -> str:
+        """Which image ``landmarks`` and ``bbox`` are in: the recorded ``landmarks_frame``, else the rule of
+        manifests written before the field (``source`` when the record has a source, else ``image``)."""
+        return self.landmarks_frame or ("source" if self.source is not None else "image")
+
+    def landmarks_for_image(self, image_size: tuple[int, int]) -> np.ndarray | None:
+        """The five landmarks in the pixels of the record's ``image`` (of ``image_size``, width x height), the
+        image every consumer opens; None without landmarks.
+
+        Points in the ``source`` frame of an aligned crop are mapped into the crop through the similarity that
+        made it, the least-squares fit of the points to the template of the crop's size
+        (:func:`cervl.faces.align.align_face`, what ``cervl align`` ran). Any other ``source``-frame record
+        cannot be mapped: :class:`ManifestError`.
+        """
+        if self.landmarks is None:
+            return None
+        points = np.asarray(self.landmarks, dtype=np.float64)
+        if self.frame_of_landmarks == "image":
+            return points
+        from cervl.faces.align import apply_affine, fit_similarity, template
+
+        w, h = image_size
+        if self.variant != "aligned" or w != h:
+            raise ManifestError(f"record {self.sample_id!r}: its landmarks are in the pixels of its source "
+                                f"{self.source!r}, and its image ({w}x{h}, variant {self.variant!r}) is not a square "
+                                f"aligned crop they can be mapped into", field="landmarks_frame")
+        try:
+            m = fit_similarity(points, template(w))
+        except ValueError as e:  # five coincident points
+            raise ManifestError(f"record {self.sample_id!r}: {e}", field="landmarks") from None
+        return apply_affine(m, points)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "label"}
@@ -89,7 +129,8 @@ def validate_record(raw: Any, *, file: str | os.PathLike | None = None, line: in
     for key in _REQUIRED:
         if raw.get(key) in (None, ""):
             raise fail(key, "missing required field")
-    for key in ("image", "label_set", "split", "dataset", "root", "id", "video", "source", "subject"):
+    for key in ("image", "label_set", "split", "dataset", "root", "id", "video", "source", "subject",
+                "landmarks_frame"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise fail(key, f"expected a string, got {raw[key]!r}")
     try:
@@ -123,6 +164,11 @@ def validate_record(raw: Any, *, file: str | os.PathLike | None = None, line: in
     variant = raw.get("variant")
     if variant is not None and variant not in VARIANTS:
         raise fail("variant", f"{variant!r} is not one of {VARIANTS}")
+    lm_frame = raw.get("landmarks_frame")
+    if lm_frame is not None and lm_frame not in LANDMARK_FRAMES:
+        raise fail("landmarks_frame", f"{lm_frame!r} is not one of {LANDMARK_FRAMES}")
+    if lm_frame == "source" and raw.get("source") is None:
+        raise fail("landmarks_frame", "'source' names the record's source image, and the record has no 'source'")
     return Record(**{**raw, "label_set": label_set.name})
 
 

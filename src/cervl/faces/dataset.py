@@ -35,7 +35,8 @@ def image_jobs(source: Path, *, label_set: str, split: str) -> list[tuple[Record
                         dataset="folder", id=str(f.relative_to(source))), f, None) for f in files]
     if source.is_file():
         m = read_manifest(source)
-        return [(r, m.image_path(r), r.landmarks if r.source is None else None) for r in m]
+        # known landmarks describe the image the record names only in the image frame (not an earlier crop's)
+        return [(r, m.image_path(r), r.landmarks if r.frame_of_landmarks == "image" else None) for r in m]
     raise InputNotFound(f"input not found: {source}")
 
 
@@ -75,7 +76,8 @@ def align_images(source: Path, out: Path, *, label_set: str = "basic-7", split: 
                                   split=rec.split, dataset=rec.dataset,
                                   id=rec.sample_id + (f"#face{res.face_index}" if res.face_index else ""),
                                   landmarks=res.landmarks or (lm if lm else None), bbox=res.box,
-                                  video=rec.video, frame=rec.frame, variant="aligned", source=str(path)))
+                                  video=rec.video, frame=rec.frame, variant="aligned", source=str(path),
+                                  landmarks_frame="source"))  # the points (and bbox) are the photo's pixels
     write_manifest(out / "manifest.jsonl", records, root=out)
     atomic_write_text(out / "align_log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
     summary = {"inputs": len(jobs), "crops": len(records), "status": dict(statuses), "detector": detector,
@@ -126,7 +128,7 @@ def align_videos(videos: list[Path], out: Path, *, label_set: str = "basic-7", s
                 records[i].append(Record(image=f"frames/{names[i]}/{f.frame:05d}.jpg", label=None, label_set=label_set,
                                          split=split, dataset="video", id=f"{names[i]}/{f.frame:05d}",
                                          landmarks=f.landmarks, bbox=f.box, video=names[i], frame=f.frame,
-                                         variant="aligned", source=str(videos[i])))
+                                         variant="aligned", source=str(videos[i]), landmarks_frame="source"))
         elif kind == "error":
             log.error("%s", payload)
             failed[str(videos[i])] = payload

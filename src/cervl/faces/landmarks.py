@@ -65,8 +65,9 @@ def measure_landmark_error(manifest: str | Path, detector: FaceDetector, *, spli
         raise ValueError(f"{manifest}: no records with landmarks" + (f" in splits {splits}" if splits else ""))
     errs, offs, missed = [], [], []
     for r in tqdm(recs, desc=f"landmarks ({detector.name})", unit="img", disable=not progress):
-        truth = np.asarray(r.landmarks, dtype=np.float64)
-        face = nearest_face(detector.detect([load_rgb(m.image_path(r))])[0], truth)
+        image = load_rgb(m.image_path(r))
+        truth = r.landmarks_for_image(image.size)  # in the pixels of the image the detector sees
+        face = nearest_face(detector.detect([image])[0], truth)
         if face is None:
             missed.append(r.sample_id)
             continue
