@@ -24,8 +24,8 @@ VARIANTS = {"off": None, "frame (fresh views)": {"preset": "frame"},
 
 
 def main() -> None:
-    from cervl.config import load_config
-    from cervl.train import train
+    from cervl.train.config import load_config
+    from cervl.train.recipe import train
 
     rows = []
     for name, augment in VARIANTS.items():

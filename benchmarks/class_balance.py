@@ -46,7 +46,7 @@ def write_skewed(skew: float = 10.0, seed: int = 0) -> dict[str, int]:
 
 
 def main() -> None:
-    from cervl.ablate import run_ablation
+    from cervl.experiments.ablate import run_ablation
 
     counts = write_skewed()
     print("training images per class:", json.dumps(counts))

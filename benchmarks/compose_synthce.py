@@ -23,12 +23,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from pairwise_baseline import score, stage_model  # noqa: E402
 
-from cervl.ablate import run_ablation  # noqa: E402
+from cervl.experiments.ablate import run_ablation  # noqa: E402
 from cervl.data.compose import ComposeSettings, compose  # noqa: E402
 from cervl.data.manifest import Record, read_manifest, write_manifest  # noqa: E402
 from cervl.predict import Predictor  # noqa: E402
 from cervl.predict.pairwise import PairwisePredictor  # noqa: E402
-from cervl.pseudo import pseudo_label  # noqa: E402
+from cervl.predict.pseudo import pseudo_label  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS, OUT = ROOT / "runs" / "demo" / "manifests", ROOT / "runs" / "compose"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cervl.data.images import load_rgb
+from cervl.core.images import load_rgb
 from cervl.explain.maps import Explainer, VLMScorer, rank_correlation, reinitialized
 from cervl.explain.regions import score_maps
 from cervl.predict import Predictor

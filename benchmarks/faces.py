@@ -87,7 +87,7 @@ def real_size_predictor(shape_dir):
     """Qwen2-VL-2B architecture, random weights (throughput does not depend on their values)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from cervl.models import (
+    from cervl.models.loading import (
         _transformers_attr,
         get_family,
         make_image_processor,
@@ -202,7 +202,7 @@ def main():
           f"{rates['video: default: flow, O-Net every 10, detection every 120'] / base:.1f}x")
 
     # --- prediction ---------------------------------------------------------------------------
-    from cervl.models import build_tiny
+    from cervl.models.loading import build_tiny
     from cervl.predict import Predictor
 
     crops = [align_face(f, truth[i], 112)[0] for i, f in enumerate(frames[:64])]

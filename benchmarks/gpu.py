@@ -31,7 +31,7 @@ PAPER_SAMPLES = 12_271 * 20 + 3_162 * 10
 def build(name: str | None, device: str, dtype: torch.dtype, tokenizer: Path | None):
     from transformers import AutoConfig, AutoTokenizer
 
-    from cervl.models import (_transformers_attr, build_tiny, get_family, make_image_processor, make_processor)
+    from cervl.models.loading import (_transformers_attr, build_tiny, get_family, make_image_processor, make_processor)
 
     if name is None:  # smoke: the tiny preset
         model, proc = build_tiny("tiny-qwen2-vl", tokenizer_path=tokenizer)
@@ -49,12 +49,12 @@ def train_rate(model, proc, device: str, batch: int, steps: int) -> dict:
     import numpy as np
     from PIL import Image
 
-    from cervl.encode import collate, encode_sample, prompt_text
-    from cervl.labels import get_label_set
-    from cervl.models import apply_lora, lora_target_regex
-    from cervl.models import ACCEPTS_ENCODER_OUTPUTS
-    from cervl.objective import AnswerObjective, VisionCache
-    from cervl.prompts import get_prompt_style
+    from cervl.models.encode import collate, encode_sample, prompt_text
+    from cervl.core.labels import get_label_set
+    from cervl.models.loading import apply_lora, lora_target_regex
+    from cervl.models.loading import ACCEPTS_ENCODER_OUTPUTS
+    from cervl.train.objective import AnswerObjective, VisionCache
+    from cervl.models.prompts import get_prompt_style
 
     ls = get_label_set("rafdb-compound")
     text = prompt_text(proc, get_prompt_style("context"), ls)

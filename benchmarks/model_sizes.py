@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from cervl.models import _transformers_attr, apply_lora, get_family, lora_target_regex
+from cervl.models.loading import _transformers_attr, apply_lora, get_family, lora_target_regex
 
 SHARED = Path(os.environ.get("CERVL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

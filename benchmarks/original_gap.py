@@ -26,7 +26,7 @@ OUT = ROOT / "runs/recipe"
 
 def landmark_errors() -> dict:
     from cervl.faces.detect import make_detector
-    from cervl.faces.landmarks import measure_landmark_error
+    from cervl.evaluate.landmarks import measure_landmark_error
 
     OUT.mkdir(parents=True, exist_ok=True)
     train = OUT / "lmerr-train-single.json"
@@ -70,7 +70,7 @@ def moving_photo_error(mode: str) -> dict:
 
 
 def main() -> None:
-    from cervl.ablate import run_ablation
+    from cervl.experiments.ablate import run_ablation
 
     errors = landmark_errors()
     (OUT / "landmark_errors.json").write_text(json.dumps(errors, indent=2) + "\n")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cervl.labels import get_label_set
-from cervl.metrics import summarize
-from cervl.models import load_model
+from cervl.core.labels import get_label_set
+from cervl.evaluate.metrics import summarize
+from cervl.models.loading import load_model
 from cervl.predict import Predictor
 from cervl.predict.pairwise import PairwisePredictor
 from cervl.predict.predictor import items_from_manifest

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from cervl.data.mixture import load_samples
-from cervl.labels import get_label_set
-from cervl.models import build_tiny
+from cervl.core.labels import get_label_set
+from cervl.models.loading import build_tiny
 from cervl.predict import Predictor
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cervl.data.synth import Identity, generate, render_sample, sample_aus
-from cervl.labels import COMPOUND
+from cervl.core.labels import COMPOUND
 
 
 def cpu_name() -> str:

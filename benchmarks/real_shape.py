@@ -29,7 +29,7 @@ SHARED = Path(os.environ.get("CERVL_SHARED", ROOT.parent / "shared"))
 def build():
     from transformers import AutoConfig, AutoTokenizer
 
-    from cervl.models import _transformers_attr, get_family, make_image_processor, make_processor
+    from cervl.models.loading import _transformers_attr, get_family, make_image_processor, make_processor
 
     cfg = AutoConfig.from_pretrained(SHARED / "qwen-vl-shapes" / "qwen2-vl-2b")
     family = get_family(cfg.model_type)
@@ -54,9 +54,9 @@ def timed(fn, repeats=2):
 
 def train_step_seconds(base, proc, text, ims, ls) -> float:
     """One LoRA r16 step with cervl's objective (shared prefix, answer-only logits), on a copy of ``base``."""
-    from cervl.encode import collate, encode_sample
-    from cervl.models import apply_lora, lora_target_regex
-    from cervl.objective import AnswerObjective
+    from cervl.models.encode import collate, encode_sample
+    from cervl.models.loading import apply_lora, lora_target_regex
+    from cervl.train.objective import AnswerObjective
 
     model = apply_lora(copy.deepcopy(base), rank=16, alpha=32, dropout=0.0, target_regex=lora_target_regex())
     tok = proc.tokenizer
@@ -83,9 +83,9 @@ def main() -> None:
         sys.exit(f"needs {SHARED}/qwen-vl-shapes and qwen2-vl-tokenizer (set CERVL_SHARED)")
     from transformers import DynamicCache
 
-    from cervl.encode import prompt_text
-    from cervl.labels import get_label_set
-    from cervl.models import cache_kwargs
+    from cervl.models.encode import prompt_text
+    from cervl.core.labels import get_label_set
+    from cervl.models.loading import cache_kwargs
     from cervl.predict import Predictor
     from cervl.predict.scoring import LabelScorer
 

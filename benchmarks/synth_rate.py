@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from cervl.data.synth import Identity, generate, render_sample, sample_aus
-from cervl.labels import COMPOUND
+from cervl.core.labels import COMPOUND
 
 
 def main() -> None:

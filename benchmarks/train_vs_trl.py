@@ -38,7 +38,7 @@ ANSWERS = ["Happily Surprised", "Sadly Angry", "Fearfully Surprised", "Sadly Fea
 def build(size: tuple[int, int]):
     import torch
 
-    from cervl.models import build_tiny, get_family, make_image_processor, make_processor
+    from cervl.models.loading import build_tiny, get_family, make_image_processor, make_processor
 
     torch.manual_seed(0)
     model, proc = build_tiny("tiny-qwen2-vl", tokenizer_path=SHARED / "qwen2-vl-tokenizer", hidden=512, layers=8,
@@ -59,11 +59,11 @@ def images(n: int, size: tuple[int, int]):
 def run_cervl(variant: str, size, steps: int, batch: int) -> dict:
     import torch
 
-    from cervl.encode import collate, encode_sample, prompt_text
-    from cervl.labels import get_label_set
-    from cervl.models import apply_lora, lora_target_regex
-    from cervl.objective import AnswerObjective, VisionCache
-    from cervl.prompts import get_prompt_style
+    from cervl.models.encode import collate, encode_sample, prompt_text
+    from cervl.core.labels import get_label_set
+    from cervl.models.loading import apply_lora, lora_target_regex
+    from cervl.train.objective import AnswerObjective, VisionCache
+    from cervl.models.prompts import get_prompt_style
 
     opts = VARIANTS[variant]
     model, proc = build(size)
@@ -105,9 +105,9 @@ def run_trl(size, steps: int, batch: int) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from cervl.labels import get_label_set
-    from cervl.models import lora_target_regex
-    from cervl.prompts import get_prompt_style
+    from cervl.core.labels import get_label_set
+    from cervl.models.loading import lora_target_regex
+    from cervl.models.prompts import get_prompt_style
 
     model, proc = build(size)
     from peft import LoraConfig

@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 from cervl.data.manifest import Record, write_manifest
-from cervl.encode import collate, encode_sample, pad_id, prompt_text, token_logprobs
-from cervl.facs import AU_IDS, describe_aus
-from cervl.models import TINY_BASE, load_model
+from cervl.models.encode import collate, encode_sample, pad_id, prompt_text, token_logprobs
+from cervl.core.facs import AU_IDS, describe_aus
+from cervl.models.loading import TINY_BASE, load_model
 from cervl.predict import Predictor
 from cervl.predict.aucaption import split_answer
 from cervl.predict.predictor import Item
-from cervl.prompts import caption_aus, get_prompt_style
-from cervl.report import evaluate_predictions
+from cervl.models.prompts import caption_aus, get_prompt_style
+from cervl.evaluate.report import evaluate_predictions
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -8,8 +8,8 @@ import torch
 import yaml
 from PIL import Image
 
-from cervl.augment import AffineSpec, AlignNoiseSpec, Augmenter, AugmentSpec
-from cervl.config import ConfigError, load_config
+from cervl.train.augment import AffineSpec, AlignNoiseSpec, Augmenter, AugmentSpec
+from cervl.train.config import ConfigError, load_config
 from cervl.data.manifest import Record
 from cervl.data.mixture import Mixture, Sample
 from cervl.data.prepare import prepare_synthce
@@ -45,8 +45,8 @@ def manifests(tmp_path_factory):
 
 
 def stage_data(tmp_path, manifests, augment, *, hash_images=True):
-    from cervl.models import build_tiny
-    from cervl.stage_data import StageData
+    from cervl.models.loading import build_tiny
+    from cervl.train.stage_data import StageData
 
     path = recipe(tmp_path, manifests, stages=1, steps=6)
     data = yaml.safe_load(path.read_text())
@@ -81,9 +81,9 @@ def test_no_vision_cache_key_is_shared_by_two_different_views(tmp_path, manifest
 
 
 def test_vision_cache_stores_nothing_for_a_fresh_view():
-    from cervl.models import build_tiny
-    from cervl.models import core_and_head
-    from cervl.objective import VisionCache
+    from cervl.models.loading import build_tiny
+    from cervl.models.loading import core_and_head
+    from cervl.train.objective import VisionCache
 
     model, proc = build_tiny("tiny-qwen2-vl", seed=0)
     cache = VisionCache(model, proc, None, 64)

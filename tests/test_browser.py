@@ -32,7 +32,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-
 def server():
     import uvicorn
 
-    from cervl.models import build_tiny
+    from cervl.models.loading import build_tiny
     from cervl.predict import Predictor
     from cervl.serve.app import create_app
 

@@ -14,8 +14,8 @@ from PIL import Image
 from cervl.data.compose import (UPPER_AUS, ComposeSettings, assignment, compose, join_regions, seam_row)
 from cervl.data.manifest import Record, read_manifest, write_manifest
 from cervl.data.prepare import prepare_synthce
-from cervl.facs import PROTOTYPES
-from cervl.labels import COMPOUND, components
+from cervl.core.facs import PROTOTYPES
+from cervl.core.labels import COMPOUND, components
 
 
 def cervl(*args, timeout=600):

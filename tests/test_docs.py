@@ -98,8 +98,8 @@ def test_every_cervl_command_in_the_docs_parses():
 
 
 def test_every_config_a_guide_names_exists_and_loads():
-    from cervl.ablate import load_ablation
-    from cervl.config import load_config
+    from cervl.experiments.ablate import load_ablation
+    from cervl.train.config import load_config
 
     named = set()
     for doc in DOCS:

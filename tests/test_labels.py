@@ -1,6 +1,6 @@
 import pytest
 
-from cervl.labels import (CEXPR, COMPOUND, LABEL_SETS, components, get_label_set, label_set_containing,
+from cervl.core.labels import (CEXPR, COMPOUND, LABEL_SETS, components, get_label_set, label_set_containing,
                           resolve_name)
 
 

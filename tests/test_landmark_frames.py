@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from cervl.data.images import load_rgb
+from cervl.core.images import load_rgb
 from cervl.data.manifest import ManifestError, Record, read_manifest, write_manifest
 from cervl.data.prepare import prepare_synthce
 from cervl.faces.align import apply_affine, fit_similarity, template
@@ -104,9 +104,9 @@ def test_compose_seam_lies_between_the_eyes_and_the_mouth_of_the_crop(aligned, t
 
 
 def _stage_data(aligned, tmp_path, offsets):
-    from cervl.config import load_config
-    from cervl.models import build_tiny
-    from cervl.stage_data import StageData
+    from cervl.train.config import load_config
+    from cervl.models.loading import build_tiny
+    from cervl.train.stage_data import StageData
 
     (tmp_path / "err.json").write_text(json.dumps({"offsets": [offsets]}))
     cfg = {"model": {"name": "tiny-qwen2-vl"}, "output_dir": str(tmp_path / "run"), "checkpoint_every": 0,
@@ -152,7 +152,7 @@ def test_pseudo_label_keeps_source_bbox_aus_and_the_frame(aligned, tmp_path):
 
 def test_landmark_error_compares_points_in_the_image_the_detector_sees(aligned):
     from cervl.faces.detect import Face, FaceDetector
-    from cervl.faces.landmarks import measure_landmark_error
+    from cervl.evaluate.landmarks import measure_landmark_error
 
     class OnTemplate(FaceDetector):  # finds every 112-px crop's face exactly on the template
         name = "template"

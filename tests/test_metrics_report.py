@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from cervl.labels import COMPOUND, get_label_set
-from cervl.metrics import (abaw_cer_score, accuracy, confusion_matrix, invalid_rate, macro_f1, per_class_accuracy,
+from cervl.core.labels import COMPOUND, get_label_set
+from cervl.evaluate.metrics import (abaw_cer_score, accuracy, confusion_matrix, invalid_rate, macro_f1, per_class_accuracy,
                            per_class_f1, reliability, row_normalize, summarize, top_k_accuracy, weighted_f1)
 from cervl.predict import parse_answer
-from cervl.abaw import ABAW_HEADER, write_abaw_submission
-from cervl.report import write_comparison, write_report
+from cervl.evaluate.abaw import ABAW_HEADER, write_abaw_submission
+from cervl.evaluate.report import write_comparison, write_report
 
 
 # Hand-worked example, 3 classes:

@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cervl.encode import IGNORE, collate, encode_sample, prompt_text
-from cervl.labels import get_label_set
-from cervl.models import (TINY_PRESETS, apply_lora, build_tiny, lora_target_regex, merge_lora, save_model,
+from cervl.models.encode import IGNORE, collate, encode_sample, prompt_text
+from cervl.core.labels import get_label_set
+from cervl.models.loading import (TINY_PRESETS, apply_lora, build_tiny, lora_target_regex, merge_lora, save_model,
                           load_model)
-from cervl.prompts import get_prompt_style
+from cervl.models.prompts import get_prompt_style
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_loss_mask_is_exactly_answer_plus_end_of_turn(tiny):
 
 def test_too_long_sample_names_it(tiny):
     _, proc = tiny
-    from cervl.encode import SampleTooLong
+    from cervl.models.encode import SampleTooLong
 
     with pytest.raises(SampleTooLong, match="train_00042.*max_length=64"):
         encode_sample(proc, prompt_text(proc, get_prompt_style("context"), get_label_set("cexprdb")), _img(), "Sadly Angry",
@@ -149,13 +149,13 @@ def test_half_precision_on_a_cpu_without_native_support_warns_once(monkeypatch, 
     # 19.12: on an AVX2-only EPYC a 2048x2048 bf16 product ran at 0.28 GFLOP/s against 112 in fp32
     import torch
 
-    from cervl import models
+    from cervl.models import loading as models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the flags alone decide here
     models._warn_slow_half.cache_clear()
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
-    with caplog.at_level("WARNING", logger="cervl.models"):
+    with caplog.at_level("WARNING", logger="cervl.models.loading"):
         assert models.resolve_dtype("bf16") is torch.bfloat16
         models.resolve_dtype("bf16")
         models.resolve_dtype("fp32")
@@ -164,14 +164,14 @@ def test_half_precision_on_a_cpu_without_native_support_warns_once(monkeypatch, 
     caplog.clear()
     models._warn_slow_half.cache_clear()
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    with caplog.at_level("WARNING", logger="cervl.models"):
+    with caplog.at_level("WARNING", logger="cervl.models.loading"):
         models.resolve_dtype("bf16")
     assert not caplog.records
 
 
 def test_a_onednn_cap_below_bf16_counts_as_no_native_support(monkeypatch):
     # ONEDNN_MAX_CPU_ISA=AVX2 (with ATEN_CPU_CAPABILITY=avx2) makes this CPU compute bf16 like an AVX2-only one
-    from cervl import models
+    from cervl.models import loading as models
 
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_bf16"}))
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

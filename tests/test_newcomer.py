@@ -81,13 +81,13 @@ def test_readme_python_example_runs_as_a_plain_script(demo, tmp_path, photo):
 
 
 def _classes():
-    from cervl.labels import get_label_set
+    from cervl.core.labels import get_label_set
 
     return get_label_set("rafdb-compound").classes
 
 
 def test_score_refuses_a_missing_face(demo):
-    from cervl.errors import InvalidInput
+    from cervl.core.errors import InvalidInput
     from cervl.predict import Predictor
 
     predictor = Predictor.from_run(demo / "run")
@@ -100,7 +100,7 @@ def test_every_worker_dying_is_an_exception_with_the_cause(tmp_path):
     import multiprocessing as mp
 
     from cervl.faces.video import parallel_video_faces
-    from cervl.workers import WorkersDied
+    from cervl.core.workers import WorkersDied
 
     stuck = []
     for k in range(3):  # frame folders whose first frame never arrives: the two workers hang in read()
@@ -120,9 +120,9 @@ def test_every_worker_dying_is_an_exception_with_the_cause(tmp_path):
 
 def test_ray_engine_writes_the_same_meta_as_the_local_engine():
     # 24.2: checked end to end in tests/test_ray.py; here the shared builder both engines call
-    from cervl.labels import get_label_set
+    from cervl.core.labels import get_label_set
     from cervl.predict.predictor import prediction_meta
-    from cervl.prompts import get_prompt_style
+    from cervl.models.prompts import get_prompt_style
 
     meta = prediction_meta("r", get_label_set("rafdb-compound"), get_prompt_style("minimal"), mode="score",
                            normalize="sum", manifest=None)
@@ -242,7 +242,7 @@ def test_rotated_astronaut_is_one_face():
 
 def test_class_colours_are_distinct_for_eleven_classes():
     # 24.5: the 10-colour cycle gave the 1st and the 11th class the same blue
-    from cervl.plotting import class_style
+    from cervl.core.plotting import class_style
 
     styles = [tuple(sorted(class_style(i).items())) for i in range(20)]
     assert len(set(styles)) == 20 and len({class_style(i)["color"] for i in range(11)}) == 11

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cervl.encode import IGNORE, collate, encode_sample, prompt_text
-from cervl.labels import get_label_set
-from cervl.models import ACCEPTS_ENCODER_OUTPUTS, TINY_PRESETS, apply_lora, build_tiny, lora_target_regex
-from cervl.objective import MIN_SHARED_PREFIX, AnswerObjective, VisionCache, core_and_head
-from cervl.prompts import get_prompt_style
+from cervl.models.encode import IGNORE, collate, encode_sample, prompt_text
+from cervl.core.labels import get_label_set
+from cervl.models.loading import ACCEPTS_ENCODER_OUTPUTS, TINY_PRESETS, apply_lora, build_tiny, lora_target_regex
+from cervl.train.objective import MIN_SHARED_PREFIX, AnswerObjective, VisionCache, core_and_head
+from cervl.models.prompts import get_prompt_style
 from helpers import widen_pixels
 
 
@@ -150,7 +150,7 @@ def test_vision_cache_key_changes_with_the_vision_weights(tmp_path):
 def _real_width(shared_dir, name, layers=2):
     from transformers import AutoConfig, AutoTokenizer
 
-    from cervl.models import get_family, make_image_processor, make_processor, _transformers_attr
+    from cervl.models.loading import get_family, make_image_processor, make_processor, _transformers_attr
 
     cfg = AutoConfig.from_pretrained(shared_dir / "qwen-vl-shapes" / name)
     cfg.text_config.num_hidden_layers = layers
@@ -183,7 +183,7 @@ def test_shapes_listed(shared_dir):
 SPILL = """import sys
 from pathlib import Path
 import torch
-from cervl.objective import VisionCache
+from cervl.train.objective import VisionCache
 c = VisionCache.__new__(VisionCache)
 c.folder, c.budget, c.used, c.memory = Path(sys.argv[1]), 0, 0, {}
 for i in range(400):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cervl.data.prepare import prepare_synthce
-from cervl.errors import InvalidInput
-from cervl.labels import components, get_label_set
+from cervl.core.errors import InvalidInput
+from cervl.core.labels import components, get_label_set
 from cervl.predict.pairwise import compound_from_basic, pair_indices
 from helpers import train_quick
 

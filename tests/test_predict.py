@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cervl.labels import get_label_set
-from cervl.models import TINY_PRESETS, build_tiny
+from cervl.core.labels import get_label_set
+from cervl.models.loading import TINY_PRESETS, build_tiny
 from cervl.predict import Item, LabelScorer, Predictor, generate_answers, score_labels_bruteforce
 from cervl.predict.generate import parse_answer
-from cervl.prompts import get_prompt_style
+from cervl.models.prompts import get_prompt_style
 from helpers import widen_pixels
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from cervl.data.manifest import Record, read_manifest, write_manifest
 from cervl.data.prepare import prepare_synthce
-from cervl.labels import get_label_set
-from cervl.pseudo import Frame, coverage, select, stable
+from cervl.core.labels import get_label_set
+from cervl.predict.pseudo import Frame, coverage, select, stable
 from helpers import train_quick
 
 COMPOUND = get_label_set("rafdb-compound")

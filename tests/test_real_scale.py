@@ -26,7 +26,7 @@ FULL, SMALL = [(112, 112), (448, 336)] * 2, [(112, 112)] * 4
 
 
 def _native_bf16() -> bool:
-    from cervl.models import cpu_has_native
+    from cervl.models.loading import cpu_has_native
 
     return cpu_has_native("bf16")
 
@@ -38,7 +38,7 @@ def real_base(folder: Path, name: str) -> Path:
     """A real-width model (2 text and 2 vision layers, random weights) saved as a cervl base folder."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from cervl.models import _transformers_attr, get_family, make_image_processor, make_processor, save_model
+    from cervl.models.loading import _transformers_attr, get_family, make_image_processor, make_processor, save_model
 
     cfg = AutoConfig.from_pretrained(SHARED / "qwen-vl-shapes" / name)
     cfg.text_config.num_hidden_layers = 2
@@ -73,9 +73,9 @@ def manifest(folder: Path, label_set: str, classes: list[str], sizes: list = FUL
 
 
 def staged_run(tmp: Path, base: Path, dtype: str, sizes: list = FULL, tag: str | None = None) -> Path:
-    from cervl.config import load_config
-    from cervl.labels import get_label_set
-    from cervl.train import train
+    from cervl.train.config import load_config
+    from cervl.core.labels import get_label_set
+    from cervl.train.recipe import train
 
     basic = manifest(tmp / "data", "rafdb-basic", list(get_label_set("rafdb-basic").classes), sizes)
     compound = manifest(tmp / "data", "rafdb-compound", list(get_label_set("rafdb-compound").classes), sizes)
@@ -148,7 +148,7 @@ def test_merged_model_equals_base_plus_adapters(runs):
     """final/ (stage 2 merged) gives the logits of the stage-1-merged base with stage 2's adapter active."""
     from peft import PeftModel
 
-    from cervl.models import load_model
+    from cervl.models.loading import load_model
     from cervl.run import RunMeta, apply_stage
 
     _, base, by_dtype = runs

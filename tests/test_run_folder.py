@@ -105,7 +105,7 @@ def test_from_adapter_applies_the_trained_embeddings_and_equals_final(runs, tmp_
 
 
 def test_final_replacement_refuses_foreign_files(runs, tmp_path):
-    from cervl.errors import InvalidInput
+    from cervl.core.errors import InvalidInput
     from cervl.run import RunMeta, save_final
 
     (tmp_path / "final").mkdir()
@@ -116,7 +116,7 @@ def test_final_replacement_refuses_foreign_files(runs, tmp_path):
 
 
 def test_keyerror_inside_a_detector_constructor_surfaces_as_itself(monkeypatch):
-    from cervl.errors import UnknownName
+    from cervl.core.errors import UnknownName
     from cervl.faces import detect
 
     class Broken(detect.FaceDetector):
@@ -135,7 +135,7 @@ def test_keyerror_inside_a_detector_constructor_surfaces_as_itself(monkeypatch):
 
 def test_cli_prints_user_errors_and_keeps_tracebacks_of_bugs(monkeypatch, capsys):
     from cervl import cli
-    from cervl.errors import InvalidInput
+    from cervl.core.errors import InvalidInput
 
     def user_error(args):
         raise InvalidInput("config.yaml: 'lr' must be a finite number > 0")
@@ -177,7 +177,7 @@ def test_loading_never_writes_the_run_folder(runs, tmp_path):
 
 def test_stage_validation_and_the_test_report_give_the_same_numbers(runs, tmp_path):
     # issue 20: validation scored with score_labels, the test report through Predictor.predict
-    from cervl.evaluate import evaluate, test_report
+    from cervl.evaluate.evaluation import evaluate, test_report
     from cervl.predict import Predictor
 
     pred = Predictor.from_run(runs / "merged")

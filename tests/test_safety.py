@@ -119,7 +119,7 @@ def test_case3_remote_code_in_a_run_folder_is_never_run(tmp_path):
     res = cervl("predict", "--run", run, tmp_path / "x.jpg", "-o", tmp_path / "p.jsonl")
     assert "unknown model_type 'evil'" in one_line_error(res)
     assert not marker.exists()
-    from cervl.errors import UserError
+    from cervl.core.errors import UserError
     from cervl.predict import Predictor
 
     with pytest.raises(UserError, match="model_type"):
@@ -130,7 +130,7 @@ def test_case3_remote_code_in_a_run_folder_is_never_run(tmp_path):
 # --- bad images (cases 4, 5, 8) --------------------------------------------------------------
 
 def test_case4_extreme_aspect_ratio_is_an_error_row_naming_the_file(tmp_path, data):
-    from cervl.data.images import ImageError, load_rgb
+    from cervl.core.images import ImageError, load_rgb
 
     Image.new("RGB", (2000, 3), (128, 90, 80)).save(tmp_path / "strip.png")
     with pytest.raises(ImageError, match="strip.png.*2000x3"):
@@ -150,7 +150,7 @@ def test_case4_server_answers_400_for_extreme_aspect_and_bad_length(tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from cervl.models import build_tiny
+    from cervl.models.loading import build_tiny
     from cervl.predict import Predictor
     from cervl.serve.app import create_app
 
@@ -187,7 +187,7 @@ def test_case5_bad_training_images_are_all_reported_before_step_0(tmp_path, data
 def test_case8_exif_orientation_is_applied_everywhere(tmp_path):
     from skimage import data as skdata
 
-    from cervl.data.images import load_rgb
+    from cervl.core.images import load_rgb
     from cervl.faces.pipeline import align_files
 
     upright = Image.fromarray(skdata.astronaut())
@@ -222,7 +222,7 @@ def test_case6_non_finite_loss_stops_training_and_nothing_diverged_is_saved(tmp_
 def test_case6_predictions_never_contain_nan(tmp_path):
     import torch
 
-    from cervl.models import build_tiny
+    from cervl.models.loading import build_tiny
     from cervl.predict import Item, Predictor, write_predictions
 
     model, proc = build_tiny("tiny-qwen2-vl")
@@ -411,7 +411,7 @@ time.sleep(60)
 """
 
 TAKE_LOCK = """import sys, time
-from cervl.errors import UserError
+from cervl.core.errors import UserError
 from cervl.run import RunLock
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 try:
@@ -440,7 +440,7 @@ def test_two_trainers_finding_a_dead_holder_take_the_lock_once(tmp_path):
 
 
 def test_case15_one_trainer_per_run_folder(tmp_path, data):
-    from cervl.errors import UserError
+    from cervl.core.errors import UserError
     from cervl.run import RunLock, claim_run_dir
 
     run = tmp_path / "run"

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cervl.models import build_tiny  # noqa: E402
+from cervl.models.loading import build_tiny  # noqa: E402
 from cervl.predict import Predictor  # noqa: E402
 from cervl.serve.app import ServeSettings, create_app  # noqa: E402
 
@@ -175,7 +175,7 @@ def test_api_key(predictor):
 
 
 def test_non_loopback_host_needs_a_key(predictor):
-    from cervl.errors import InvalidInput
+    from cervl.core.errors import InvalidInput
     from cervl.serve import is_loopback, serve
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
@@ -351,7 +351,7 @@ def test_the_server_wide_pixel_budget_makes_requests_wait_then_503():
 
 SERVER = """import sys
 import uvicorn
-from cervl.models import build_tiny
+from cervl.models.loading import build_tiny
 from cervl.predict import Predictor
 from cervl.serve.app import create_app
 model, proc = build_tiny("tiny-qwen2-vl", seed=0)

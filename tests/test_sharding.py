@@ -78,8 +78,8 @@ def test_zero3_with_lora_merges_is_refused(monkeypatch):
 
     from accelerate.utils import DistributedType
 
-    from cervl.errors import UserError
-    from cervl.sharding import refuse_unmergeable
+    from cervl.core.errors import UserError
+    from cervl.train.sharding import refuse_unmergeable
 
     cfg = SimpleNamespace(stages=[SimpleNamespace(method="lora"), SimpleNamespace(method="lora")])
 
@@ -100,8 +100,8 @@ def test_deepspeed_requested_on_cpu_is_refused_not_ignored(monkeypatch):
 
     from accelerate.utils import DistributedType
 
-    from cervl.errors import UserError
-    from cervl.sharding import refuse_unmergeable
+    from cervl.core.errors import UserError
+    from cervl.train.sharding import refuse_unmergeable
 
     cfg = SimpleNamespace(stages=[SimpleNamespace(method="lora")])
     acc = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, state=SimpleNamespace(deepspeed_plugin=None))

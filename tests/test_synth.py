@@ -9,9 +9,9 @@ from PIL import Image
 
 from cervl.data import make_reader
 from cervl.data.synth import generate, plan_samples, sample_aus
-from cervl.facs import PROTOTYPES
+from cervl.core.facs import PROTOTYPES
 from cervl.faces.align import template
-from cervl.labels import COMPOUND
+from cervl.core.labels import COMPOUND
 
 
 def _digest(folder):

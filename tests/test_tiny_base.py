@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from cervl.models import build_tiny, load_model
-from cervl.models import TINY_BASE as ASSET_BASE
+from cervl.models.loading import build_tiny, load_model
+from cervl.models.loading import TINY_BASE as ASSET_BASE
 
 
 def _strip(d):

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cervl.data.prepare import prepare_synthce as _prepare_synth
-from cervl.config import ConfigError, load_config
+from cervl.train.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_two_stage_run_records_lineage_and_reloads(tmp_path, manifests):
     assert meta["prompt"] == "minimal" and meta["label_set"] == "rafdb-compound"
     assert (run / "config.json").is_file() and (run / "stages" / "00-basic" / "metrics.csv").is_file()
     # a fresh process reloads the final model with its prompt and label set and scores like the run did
-    from cervl.evaluate import evaluate
+    from cervl.evaluate.evaluation import evaluate
     from cervl.run import load_run
 
     model, proc, meta = load_run(run)
@@ -174,7 +174,7 @@ def test_bad_input_fails_early_with_specific_message(tmp_path, manifests, overri
 
 
 def test_every_shipped_config_parses():
-    from cervl.ablate import cells, load_ablation
+    from cervl.experiments.ablate import cells, load_ablation
 
     paths = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(paths) >= 6
@@ -213,7 +213,7 @@ def test_adapter_save_mode_reloads_by_merging_the_lineage(tmp_path, manifests):
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     assert not (run / "final" / "model.safetensors").exists()  # only cervl.json: the lineage is the model
-    from cervl.evaluate import evaluate
+    from cervl.evaluate.evaluation import evaluate
     from cervl.run import load_run
 
     model, proc, meta = load_run(run)

@@ -83,7 +83,7 @@ def test_tracker_keeps_the_same_person():
 
 def test_video_round_trip_through_prediction(tmp_path):
     from cervl.faces.detect import make_detector
-    from cervl.models import build_tiny
+    from cervl.models.loading import build_tiny
     from cervl.predict import Predictor, plot_video_probs, predict_video
 
     try:
@@ -108,7 +108,7 @@ def test_video_round_trip_through_prediction(tmp_path):
 
 def test_videos_in_worker_processes_match_one_process_and_report_broken_files(tmp_path):
     from cervl.faces.detect import mtcnn_weights_dir
-    from cervl.models import build_tiny
+    from cervl.models.loading import build_tiny
     from cervl.predict import Predictor, predict_videos
 
     try:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from cervl.models import TINY_BASE, load_model
+from cervl.models.loading import TINY_BASE, load_model
 from cervl.predict import Predictor
 from cervl.predict.predictor import items_from_paths
 

@@ -32,17 +32,18 @@ from pathlib import Path
 
 import torch
 
-from cervl.errors import InputNotFound, InvalidInput, UserError
-from cervl.fsio import swap_in
-from cervl.labels import LabelSet, get_label_set
-from cervl.models import TINY_BASE, TINY_PRESETS, default_attn_implementation, load_model, merge_lora, save_model
-from cervl.prompts import PromptStyle, get_prompt_style
+from cervl.core.errors import InputNotFound, InvalidInput, UserError
+from cervl.core.fsio import atomic_write_text, swap_in
+from cervl.core.labels import LabelSet, get_label_set
+from cervl.models.loading import TINY_BASE, TINY_PRESETS, default_attn_implementation, load_model, merge_lora, save_model
+from cervl.models.prompts import PromptStyle, get_prompt_style
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 MARKER = "cervl-run.json"
 RUN_META = "cervl.json"
+CKPT = "checkpoint"  # a stage's checkpoint folder (written by cervl.train.checkpoint)
 EXTRA = "extra_trainables.safetensors"  # non-LoRA weights a LoRA stage trained (embeddings, full vision...)
 
 
@@ -259,7 +260,6 @@ def final_dir(run_dir: str | Path) -> Path:
 
 
 def write_json(path: Path, data) -> None:
-    from cervl.data.manifest import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
@@ -480,8 +480,6 @@ def save_final(model, processor, meta: RunMeta, run_dir: Path) -> Path:
 
 def remove_checkpoints(stage_folder: Path) -> None:
     """A finished stage's checkpoints (its output replaces them); they are cervl's own files."""
-    from cervl.checkpoint import CKPT
-
     for name in (CKPT, f".{CKPT}.old", f".{CKPT}.tmp"):
         shutil.rmtree(Path(stage_folder) / name, ignore_errors=True)
 

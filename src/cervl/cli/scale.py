@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from cervl.errors import UserError
+from cervl.core.errors import UserError
 
 
 def ray_options(args):

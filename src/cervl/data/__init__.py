@@ -1,7 +1,8 @@
-"""Dataset readers (one file per dataset), the manifest format and the SynthCE generator.
+"""Data: the manifest format (``manifest``: records, validation, the landmark frame), one ``Reader`` per dataset
+(``READERS``), ``prepare``, training mixtures (``mixture``), the SynthCE generator (``synth``), composed
+compound faces (``compose``) and aligned-face datasets from photos and videos (``aligned``, ``cervl align``).
 
-``READERS`` is the registry used by ``cervl prepare DATASET``; :func:`make_reader` is its factory.
-"""
+Imports: ``cervl.core``, ``cervl.faces``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from cervl.data.csvfile import CsvReader
 from cervl.data.folder import FolderReader
 from cervl.data.manifest import Manifest, ManifestError, Record, read_manifest, write_manifest
 from cervl.data.rafdb import RafdbReader
-from cervl.registry import lookup
+from cervl.core.registry import lookup
 
 READERS = {cls.name: cls for cls in (RafdbReader, AffWild2Reader, CexprdbReader, FolderReader, CsvReader)}
 

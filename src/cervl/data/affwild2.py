@@ -10,9 +10,9 @@ import logging
 from pathlib import Path
 
 from cervl.data.base import BadInputs, Reader, parse_int, read_label_lines
-from cervl.errors import InvalidInput
+from cervl.core.errors import InvalidInput
 from cervl.data.manifest import ManifestError, Record
-from cervl.labels import LabelSet, get_label_set, normalize_name
+from cervl.core.labels import LabelSet, get_label_set, normalize_name
 
 log = logging.getLogger(__name__)
 

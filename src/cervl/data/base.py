@@ -12,13 +12,13 @@ from pathlib import Path
 from PIL import Image
 
 from cervl.data.manifest import ManifestError, Record, atomic_write_text
-from cervl.errors import InvalidInput
-from cervl.registry import suggest
+from cervl.core.errors import InvalidInput
+from cervl.core.registry import suggest
 
 log = logging.getLogger(__name__)
 
 MAX_SIDECAR_OFFENDERS = 20
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from cervl.core.images import IMAGE_SUFFIXES  # noqa: E402,F401  (re-exported: the readers use it)
 
 
 @dataclass

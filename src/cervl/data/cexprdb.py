@@ -13,9 +13,9 @@ from pathlib import Path
 
 from cervl.data.affwild2 import read_frame_annotations
 from cervl.data.base import IMAGE_SUFFIXES, Reader
-from cervl.errors import InvalidInput
+from cervl.core.errors import InvalidInput
 from cervl.data.manifest import ManifestError, Record
-from cervl.labels import get_label_set
+from cervl.core.labels import get_label_set
 
 _DIGITS = re.compile(r"(\d+)")
 

@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cervl.data.images import load_rgb
+from cervl.core.images import load_rgb
 from cervl.data.manifest import ManifestError, Record, atomic_write_text, read_manifest, write_manifest
-from cervl.errors import InvalidInput
-from cervl.facs import PROTOTYPES
+from cervl.core.errors import InvalidInput
+from cervl.core.facs import PROTOTYPES
 from cervl.faces.align import align_face, apply_affine, fit_similarity
-from cervl.fsio import swap_in
-from cervl.labels import LabelSet, components, get_label_set
-from cervl.workers import ignore_interrupts, start_workers
+from cervl.core.fsio import swap_in
+from cervl.core.labels import LabelSet, components, get_label_set
+from cervl.core.workers import ignore_interrupts, start_workers
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cervl.data.base import Reader, check_image
 from cervl.data.manifest import SPLITS, ManifestError, Record
-from cervl.labels import LabelSet, get_label_set, label_set_containing, resolve_name
+from cervl.core.labels import LabelSet, get_label_set, label_set_containing, resolve_name
 
 
 def read_utf8(path: Path) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cervl.data.base import IMAGE_SUFFIXES, Reader
 from cervl.data.manifest import SPLITS, ManifestError, Record
-from cervl.labels import get_label_set, label_set_containing, resolve_name
+from cervl.core.labels import get_label_set, label_set_containing, resolve_name
 
 
 class FolderReader(Reader):

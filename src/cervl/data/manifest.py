@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from cervl.errors import InvalidInput
-from cervl.labels import get_label_set
-from cervl.registry import suggest
+from cervl.core.fsio import atomic_write_lines, atomic_write_text, new_file_mode  # noqa: F401  (re-exported)
+from cervl.core.errors import InvalidInput
+from cervl.core.labels import get_label_set
+from cervl.core.registry import suggest
 
 SPLITS = ("train", "val", "test")
 VARIANTS = ("aligned", "original")
@@ -217,42 +217,6 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
                                     reason="malformed_line") from None
             records.append(validate_record(raw, file=path, line=lineno))
     return Manifest(records, path, path.resolve().parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` then rename it over ``path``.
-
-    A crash or an error mid-way leaves any previous file intact.
-    """
-    atomic_write_lines(path, [text])
-
-
-def atomic_write_lines(path: str | os.PathLike, chunks: Iterable[str]) -> None:
-    """:func:`atomic_write_text` for text given piece by piece (memory does not grow with the file)."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(21, "is a folder, not a file", str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600: keep the mode of the file being replaced, or give a new file the umask's
-        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else new_file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def new_file_mode() -> int:
-    """The mode a new file gets under the umask (``mkstemp`` would give 0600)."""
-    mask = os.umask(0)  # the only portable way to read it; set straight back
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def write_manifest(path: str | os.PathLike, records: Iterable[Record], *, root: str | os.PathLike | None = None) -> int:

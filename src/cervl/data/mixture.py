@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cervl.errors import InvalidInput
+from cervl.core.errors import InvalidInput
 from cervl.data.manifest import Manifest, Record, read_manifest
-from cervl.labels import LabelSet
+from cervl.core.labels import LabelSet
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from cervl.data import BadInputs, make_reader, write_manifest
 from cervl.data.base import assign_val
 from cervl.data.manifest import ManifestError, Record
-from cervl.errors import InvalidInput
+from cervl.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

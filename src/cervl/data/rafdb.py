@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cervl.data.base import Reader, check_image, parse_int, read_label_lines
-from cervl.errors import InvalidInput
+from cervl.core.errors import InvalidInput
 from cervl.data.manifest import ManifestError, Record
-from cervl.labels import get_label_set
+from cervl.core.labels import get_label_set
 
 LABEL_FILE = Path("EmoLabel") / "list_patition_label.txt"  # sic: the real file name
 AU_FILE = Path("Annotation") / "aus.csv"  # SynthCE's ground-truth AU intensities (not in real RAF-DB)

@@ -2,7 +2,7 @@
 
 Each sample draws an identity (face shape, tones, eye spacing, glasses, fringe) and an
 expression: the class's required FACS action units at random intensities, its optional AUs
-with the probabilities of :data:`cervl.facs.PROTOTYPES`, plus low-intensity noise on the
+with the probabilities of :data:`cervl.core.facs.PROTOTYPES`, plus low-intensity noise on the
 others. The AUs move facial parts (brows, lids, cheeks, nose, lips, jaw), so classes overlap
 the way real ones do (Sadly Fearful vs Fearfully Surprised share AUs 1, 20 and 25).
 
@@ -34,12 +34,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
-from cervl.data.manifest import atomic_write_text
-from cervl.errors import InvalidInput
-from cervl.facs import AU_IDS, PROTOTYPES, au_key
+from cervl.core.fsio import atomic_write_text
+from cervl.core.errors import InvalidInput
+from cervl.core.facs import AU_IDS, PROTOTYPES, au_key
 from cervl.faces.align import align_face, apply_affine
-from cervl.labels import get_label_set
-from cervl.workers import ignore_interrupts, start_workers
+from cervl.core.labels import get_label_set
+from cervl.core.workers import ignore_interrupts, start_workers
 
 log = logging.getLogger(__name__)
 

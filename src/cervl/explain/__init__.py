@@ -5,7 +5,8 @@
 * :mod:`cervl.explain.regions`: the pixels each AU moves on a SynthCE face, pointing game, energy ratio;
 * :mod:`cervl.explain.figures`: overlays and map grids;
 * :mod:`cervl.explain.analysis`: ``cervl explain`` (per image, per class, confused pairs, report section).
-"""
+
+Imports: ``core`` .. ``evaluate`` (never ``train`` or above)."""
 
 from cervl.explain.maps import Explainer, Explanation, ImageScorer, VLMScorer
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cervl.data.images import load_rgb
-from cervl.data.manifest import atomic_write_text
+from cervl.core.images import load_rgb
+from cervl.core.fsio import atomic_write_text
 from cervl.explain.figures import explanation_figure, map_grid
 from cervl.explain.maps import Explainer, Explanation, select_classes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cervl.plotting import matplotlib  # noqa: F401  (Agg backend)
+from cervl.core.plotting import matplotlib  # noqa: F401  (Agg backend)
 
 
 def overlay(face: Image.Image, saliency: np.ndarray, vmax: float | None = None, *, signed: bool = False) -> Image.Image:

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cervl.data.images import load_rgb
-from cervl.errors import InvalidInput
-from cervl.registry import lookup
+from cervl.core.images import load_rgb
+from cervl.core.errors import InvalidInput
+from cervl.core.registry import lookup
 
 # Occlusion patch and stride in pixels of a 112-px crop; other sizes scale with their shorter side.
 PATCH_112, STRIDE_112 = 24, 8

@@ -17,7 +17,7 @@ import functools
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cervl.facs import AU_IDS, PROTOTYPES
+from cervl.core.facs import AU_IDS, PROTOTYPES
 
 # The face part each AU moves (FACS; and what the SynthCE drawing code moves), for tables and captions.
 PARTS: dict[int, str] = {1: "brows", 2: "brows", 4: "brows", 5: "eyes", 6: "cheeks", 7: "eyes", 9: "nose",

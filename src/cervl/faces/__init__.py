@@ -1,4 +1,8 @@
-"""Face detection and 5-point alignment."""
+"""Faces: detection (``detect``: ``DETECTORS``, MTCNN and its networks, YuNet), 5-point alignment (``align``),
+video decoding and tracking (``video``, ``track``), photo alignment with worker processes (``pipeline``),
+and landmark geometry (``landmarks``: errors, flip-averaged landmarks).
+
+Imports: ``cervl.core``."""
 
 from cervl.faces.align import align_face, fit_similarity, template
 

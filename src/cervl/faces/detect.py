@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from cervl.errors import InvalidInput, MissingResource
-from cervl.registry import lookup
+from cervl.core.errors import InvalidInput, MissingResource
+from cervl.core.registry import lookup
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from cervl.data.images import load_rgb
-from cervl.errors import InvalidInput
+from cervl.core.images import load_rgb
+from cervl.core.errors import InvalidInput
 from cervl.faces.align import align_face
 from cervl.faces.detect import FaceDetector, make_detector
-from cervl.workers import ignore_interrupts, start_workers
+from cervl.core.workers import ignore_interrupts, start_workers
 
 
 @dataclass

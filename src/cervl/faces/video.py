@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cervl.data.images import load_rgb
-from cervl.errors import InvalidInput, UserError
+from cervl.core.images import load_rgb
+from cervl.core.errors import InvalidInput, UserError
 from cervl.faces.align import align_face
 from cervl.faces.detect import Face, FaceDetector
 from cervl.faces.track import FaceTracker, LandmarkFlow, moved_box
-from cervl.workers import WorkersDied, died_message, ignore_interrupts, start_workers
+from cervl.core.workers import WorkersDied, died_message, ignore_interrupts, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def frame_numbers(path: str | Path) -> list[int]:
 
 
 def _numbered_files(folder: Path) -> list[tuple[int, Path]]:
-    from cervl.data.base import IMAGE_SUFFIXES
+    from cervl.core.images import IMAGE_SUFFIXES
 
     files = []
     for p in folder.iterdir():

@@ -4,9 +4,10 @@
 * :mod:`cervl.predict.generate`: greedy generation and :func:`parse_answer`;
 * :mod:`cervl.predict.predictor`: :class:`Predictor`, :class:`Item` and the input helpers;
 * :mod:`cervl.predict.video`: per-frame prediction, temporal smoothing and plots.
-"""
 
-from cervl.data.images import load_rgb
+Imports: ``core``, ``faces``, ``data``, ``models``, ``run``."""
+
+from cervl.core.images import load_rgb
 from cervl.predict.generate import generate_answers, parse_answer
 from cervl.predict.predictor import Item, Predictor, write_predictions
 from cervl.predict.scoring import LabelScorer, score_labels, score_labels_bruteforce

@@ -3,19 +3,19 @@
 Scoring stays exact for the label: the caption is decoded greedily (the model's own description of the
 face), then every class's full answer ("<caption>. Expression: <class>") is scored as one sequence and the
 scores are normalised across classes. The caption's AUs are read back with
-:func:`cervl.prompts.caption_aus`, so ``cervl eval`` can compare them with the true AUs (per-AU F1).
+:func:`cervl.models.prompts.caption_aus`, so ``cervl eval`` can compare them with the true AUs (per-AU F1).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cervl.encode import prompt_text
-from cervl.facs import au_key
-from cervl.labels import LabelSet
+from cervl.models.encode import prompt_text
+from cervl.core.facs import au_key
+from cervl.core.labels import LabelSet
 from cervl.predict.generate import generate_answers
 from cervl.predict.scoring import score_answer_texts
-from cervl.prompts import EXPRESSION_MARK, PromptStyle, caption_aus
+from cervl.models.prompts import EXPRESSION_MARK, PromptStyle, caption_aus
 
 
 def split_answer(text: str) -> str:

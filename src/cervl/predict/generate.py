@@ -8,10 +8,10 @@ import re
 
 import torch
 
-from cervl.data.images import load_rgb
-from cervl.encode import prompt_text
-from cervl.labels import _ALIASES, COMPOUND, LabelSet, get_label_set, normalize_name
-from cervl.prompts import PromptStyle
+from cervl.core.images import load_rgb
+from cervl.models.encode import prompt_text
+from cervl.core.labels import _ALIASES, COMPOUND, LabelSet, get_label_set, normalize_name
+from cervl.models.prompts import PromptStyle
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Compound probabilities from a basic-emotion model, with no compound training data (the pair-wise baseline).
 
-A compound class blends two basic emotions (:func:`cervl.labels.components`). Teams of ABAW-6 and ABAW-9 scored
+A compound class blends two basic emotions (:func:`cervl.core.labels.components`). Teams of ABAW-6 and ABAW-9 scored
 it as the product of the two basic probabilities: ``P(A and B) ∝ p_A · p_B``, renormalised over the compound
 label set. :class:`PairwisePredictor` wraps a basic-label :class:`~cervl.predict.Predictor` so that every
 command that predicts (``cervl predict --compound-from-basic``, then ``cervl eval``) treats it as a compound
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cervl.errors import InvalidInput
-from cervl.labels import LabelSet, components, get_label_set
+from cervl.core.errors import InvalidInput
+from cervl.core.labels import LabelSet, components, get_label_set
 from cervl.predict.predictor import Predictor
 
 

@@ -19,14 +19,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from cervl.data.base import IMAGE_SUFFIXES
-from cervl.data.images import load_rgb
+from cervl.core.images import load_rgb
 from cervl.data.manifest import atomic_write_lines, atomic_write_text, read_manifest
-from cervl.errors import InputNotFound, InvalidInput
-from cervl.labels import LabelSet, get_label_set
+from cervl.core.errors import InputNotFound, InvalidInput
+from cervl.core.labels import LabelSet, get_label_set
 from cervl.predict.generate import generate_answers, parse_answer
 from cervl.predict.scoring import LabelScorer
-from cervl.prompts import PromptStyle, get_prompt_style
-from cervl.registry import suggest
+from cervl.models.prompts import PromptStyle, get_prompt_style
+from cervl.core.registry import suggest
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Predictor:
         """A base model with no run folder (zero-shot): a hub id, a local folder, or ``pretrained-tiny`` (the
         package's tiny base), scored with ``prompt`` over ``label_set`` by the same exact scorer. Errors name
         the model when it cannot be loaded (offline, a typo, gated)."""
-        from cervl.models import TINY_BASE, load_model
+        from cervl.models.loading import TINY_BASE, load_model
 
         style, labels = get_prompt_style(prompt), get_label_set(label_set)  # bad names fail before the model loads
         model, processor = load_model(TINY_BASE if name_or_path == "pretrained-tiny" else name_or_path, dtype=dtype)
@@ -177,7 +177,7 @@ class Predictor:
 
         Non-LoRA weights the stage trained (``extra_trainables.safetensors``) are applied too.
         """
-        from cervl.models import load_model
+        from cervl.models.loading import load_model
         from cervl.run import StageRecord, apply_stage
 
         model, processor = load_model(base, dtype=dtype)

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cervl.data.images import load_rgb
-from cervl.encode import (IGNORE, Encoded, answer_ids, collate, encode_prompt, pad_id, prompt_text, shared_prefix,
+from cervl.core.images import load_rgb
+from cervl.models.encode import (IGNORE, Encoded, answer_ids, collate, encode_prompt, pad_id, prompt_text, shared_prefix,
                           token_logprobs)
-from cervl.labels import LabelSet
-from cervl.models import cache_kwargs, core_and_head, unwrap
-from cervl.prompts import PromptStyle
+from cervl.core.labels import LabelSet
+from cervl.models.loading import cache_kwargs, core_and_head, unwrap
+from cervl.models.prompts import PromptStyle
 
 
 # Attention implementations that accept an arbitrary boolean 4-D mask, which the answer trie needs.

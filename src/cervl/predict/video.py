@@ -146,7 +146,7 @@ def plot_video_probs(rows: list[dict], classes: tuple[str, ...], path) -> Path:
     """Smoothed class probabilities over time (one line per class), frames without a face shaded."""
     import matplotlib.pyplot as plt
 
-    from cervl.plotting import class_style, legend_outside
+    from cervl.core.plotting import class_style, legend_outside
 
     frames = [r["frame"] for r in rows]
     fig, ax = plt.subplots(figsize=(12, 4.0))

@@ -10,11 +10,12 @@ driver writes finished shards atomically so an interrupted run resumes where it 
 * :mod:`cervl.scale.remote`: what runs remotely, on the cluster (decode/align tasks, video tasks, the predictor
   actor);
 * :mod:`cervl.scale.pipeline`: the driver side: ``ray_predict``, ``ray_abaw``, and ``ray_align_files`` and
-  ``ray_video_events``, which ``cervl align`` passes to :func:`~cervl.faces.dataset.align_images` and
-  :func:`~cervl.faces.dataset.align_videos`.
+  ``ray_video_events``, which ``cervl align`` passes to :func:`~cervl.data.aligned.align_images` and
+  :func:`~cervl.data.aligned.align_videos`.
 
 Ray is an optional extra: ``pip install 'cervl[ray]'``.
-"""
+
+Imports: everything up to ``evaluate``; not ``serve``, ``train`` or ``cli``."""
 
 from cervl.scale.cluster import RayOptions, require_ray
 

@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from cervl.errors import InvalidInput, MissingResource
+from cervl.core.errors import InvalidInput, MissingResource
 
 log = logging.getLogger(__name__)
 

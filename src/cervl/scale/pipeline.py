@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cervl.errors import InvalidInput
+from cervl.core.errors import InvalidInput
 from cervl.scale.cluster import RayOptions, actor_threads, connect
 from cervl.scale.shards import ShardStore, fingerprint, shard_key
 
@@ -284,8 +284,8 @@ def _parquet_schema(classes):
 def ray_abaw(run: Path, root: Path, out: Path, options: RayOptions, *, every: int = 1, smoothing: str = "gaussian",
              detector: dict | None = None, video_options: dict | None = None):
     """``cervl abaw`` on Ray: the same submission file, byte for byte (videos scored in batches of 16,
-    as :func:`cervl.abaw.abaw_submission` does). Finished videos are kept if the run is interrupted."""
-    from cervl.abaw import challenge_indices, write_submission
+    as :func:`cervl.evaluate.abaw.abaw_submission` does). Finished videos are kept if the run is interrupted."""
+    from cervl.evaluate.abaw import challenge_indices, write_submission
     from cervl.faces.video import list_videos
     from cervl.run import RunMeta
 

@@ -66,8 +66,8 @@ def align_chunks(aligner, jobs: list[tuple[int, str, list | None]], chunk: int) 
 
 def decode_shard(items: list, align: dict | None) -> list:
     """Read (and with ``align``, detect and align) a shard's images; failures set ``item.error``."""
-    from cervl.data.images import load_rgb
-    from cervl.errors import InvalidInput
+    from cervl.core.images import load_rgb
+    from cervl.core.errors import InvalidInput
     from cervl.predict.predictor import apply_alignment
 
     if align:
@@ -134,7 +134,7 @@ def track_videos(batch: dict, *, detector: dict, video_options: dict, chunk_crop
 
 def pack_run(run_dir: Path, limit: int = 2 * 2**30) -> dict[str, bytes]:
     """A merged run's files needed for prediction (``cervl-run.json`` and ``final/``), for the object store."""
-    from cervl.errors import InvalidInput
+    from cervl.core.errors import InvalidInput
     from cervl.run import MARKER, RunMeta, final_dir
 
     run_dir = Path(run_dir)

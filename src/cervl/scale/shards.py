@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from cervl.data.manifest import atomic_write_text, new_file_mode
-from cervl.errors import InvalidInput
+from cervl.core.errors import InvalidInput
 
 MARKER = "_cervl-shards.json"  # a leading "_": Parquet readers skip it
 FORMATS = ("jsonl", "parquet")

@@ -1,4 +1,6 @@
-"""``cervl serve``: a FastAPI + uvicorn server for a trained run (see :mod:`cervl.serve.app`)."""
+"""``cervl serve``: a FastAPI + uvicorn server for a trained run (see :mod:`cervl.serve.app`).
+
+Imports: everything up to ``explain`` and ``evaluate``; not ``scale``, ``train`` or ``cli``."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import ipaddress
 import logging
 import socket
 
-from cervl.errors import InvalidInput, MissingResource
+from cervl.core.errors import InvalidInput, MissingResource
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cervl.data.images import ImageError, to_rgb
+from cervl.core.images import ImageError, to_rgb
 from cervl.serve.batcher import MicroBatcher, ModelWorker, PixelBudget, SerialPredictor
 from cervl.serve.explain import MapMaker, trained_on
 from cervl.serve.jobs import JobsFull, VideoJobs

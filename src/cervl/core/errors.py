@@ -32,4 +32,4 @@ class MissingResource(UserError, RuntimeError):
 
 
 class ConfigError(InvalidInput):
-    """A bad config key or value; the message names the key path (re-exported by :mod:`cervl.config`)."""
+    """A bad config key or value; the message names the key path (re-exported by :mod:`cervl.train.config`)."""

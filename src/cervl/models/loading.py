@@ -28,11 +28,11 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from cervl.errors import InputNotFound, InvalidInput
-from cervl.registry import lookup
+from cervl.core.errors import InputNotFound, InvalidInput
+from cervl.core.registry import lookup
 
 # The tiny pretrained base that ships inside the package (``cervl pretrain-tiny`` rebuilds it).
-TINY_BASE = Path(__file__).parent / "assets" / "tiny-base"
+TINY_BASE = Path(__file__).parents[1] / "assets" / "tiny-base"
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,9 @@ TOKENIZER_STYLES = ("minimal", "context", "au-describe")  # the styles the shipp
 
 def tokenizer_corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: every prompt style for every label set, and AU captions."""
-    from cervl.facs import AUS
-    from cervl.labels import ALL_CLASSES, LABEL_SETS
-    from cervl.prompts import PROMPT_STYLES
+    from cervl.core.facs import AUS
+    from cervl.core.labels import ALL_CLASSES, LABEL_SETS
+    from cervl.models.prompts import PROMPT_STYLES
 
     texts = []
     # The vocabulary is frozen with the shipped tiny base (its token ids are in its weights): styles added

@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from cervl.errors import UnknownName
-from cervl.registry import lookup
+from cervl.core.errors import UnknownName
+from cervl.core.registry import lookup
 
 # Basic emotions (the six of Ekman plus Neutral), then the two extra classes some datasets use.
 BASIC: tuple[str, ...] = ("Neutral", "Happiness", "Sadness", "Surprise", "Fear", "Disgust", "Anger")

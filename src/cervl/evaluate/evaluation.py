@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from cervl.data.mixture import Sample, load_samples
-from cervl.errors import UserError
-from cervl.labels import LabelSet
-from cervl.metrics import accuracy, confusion_matrix, macro_f1
+from cervl.core.errors import UserError
+from cervl.core.labels import LabelSet
+from cervl.evaluate.metrics import accuracy, confusion_matrix, macro_f1
 from cervl.predict.predictor import Item, Predictor, write_predictions
-from cervl.prompts import PromptStyle
-from cervl.report import evaluate_predictions
+from cervl.models.prompts import PromptStyle
+from cervl.evaluate.report import evaluate_predictions
 
 
 def subsample(samples: list[Sample], max_samples: int) -> list[Sample]:
@@ -43,7 +43,7 @@ def score_samples(predictor: Predictor, samples: list[Sample], *, progress: bool
 
         align_items(items, detector_options=detector_options)
     elif align == "landmarks":
-        from cervl.data.images import load_rgb
+        from cervl.core.images import load_rgb
         from cervl.faces.align import align_face
 
         for item, s in zip(items, samples):

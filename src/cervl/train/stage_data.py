@@ -4,7 +4,7 @@ every step.
 :meth:`StageData.prepare` is a pure function of the step number. That is what makes a resume after
 ``kill -9`` exact, and what lets the next step be prepared in a background thread or in DataLoader worker
 processes with identical results (:meth:`StageData.batches`). Whether images are hashed (for the vision
-cache) is decided by the stage's levers before the data is built (:mod:`cervl.objective`), so this
+cache) is decided by the stage's levers before the data is built (:mod:`cervl.train.objective`), so this
 module never looks at the loss module's state.
 """
 
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from cervl.augment import Augmenter
-from cervl.config import RunConfig, StageConfig
-from cervl.data.images import check_images, file_hash, image_size, load_rgb
+from cervl.train.augment import Augmenter
+from cervl.train.config import RunConfig, StageConfig
+from cervl.core.images import check_images, file_hash, image_size, load_rgb
 from cervl.data.mixture import Mixture, Sample, load_samples
-from cervl.encode import collate, encode_sample, pad_id, prompt_text
-from cervl.errors import UserError
+from cervl.models.encode import collate, encode_sample, pad_id, prompt_text
+from cervl.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class StageData:
         self.prompt = prompt or prompt_text(processor, stage.style, stage.labels)  # rendered once per stage
         self.pad_id, self.image_token_id = pad_id(processor.tokenizer), image_token_id
         self.hash_images, self.hashes = hash_images, {}
-        # Training views (cervl.augment): a pure function of (seed, epoch, position), like the batches.
+        # Training views (cervl.train.augment): a pure function of (seed, epoch, position), like the batches.
         self.augmenter = Augmenter(stage.augment, stage.seed) if stage.augment.active() else None
 
     def view(self, position: int, sample: Sample):
@@ -110,7 +110,7 @@ class StageData:
 
     def augment_preview(self, path, n: int = 16) -> None:
         """``stages/NN/augment.png``: the first ``n`` training views of the stage, as the model sees them."""
-        from cervl.augment import augment_grid
+        from cervl.train.augment import augment_grid
 
         samples = self.mixture.take(0, n)
         images = [self.view(i, s)[0] for i, s in enumerate(samples)]

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from cervl.augment import AugmentSpec, check_spec
-from cervl.errors import ConfigError, UserError  # noqa: F401  (ConfigError: re-exported)
-from cervl.labels import LabelSet, get_label_set
-from cervl.prompts import PromptStyle, get_prompt_style
-from cervl.registry import suggest
+from cervl.train.augment import AugmentSpec, check_spec
+from cervl.core.errors import ConfigError, UserError  # noqa: F401  (ConfigError: re-exported)
+from cervl.core.labels import LabelSet, get_label_set
+from cervl.models.prompts import PromptStyle, get_prompt_style
+from cervl.core.registry import suggest
 
 
 @dataclass
@@ -76,7 +76,7 @@ class StageConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     eval: EvalSpec = field(default_factory=EvalSpec)
-    augment: AugmentSpec = field(default_factory=AugmentSpec)  # training views only (cervl.augment)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)  # training views only (cervl.train.augment)
     # Resolved once by validate() from label_set and prompt: the objects training, evaluation and
     # saving use, so no consumer looks a name up again. Not part of the YAML or of config.json.
     labels: LabelSet = field(default=None, init=False, repr=False, compare=False)
@@ -126,7 +126,7 @@ class RunConfig:
     # A non-finite loss or gradient: "stop" (an error naming stage, step and lr; the last checkpoint
     # stays valid) or "skip_step" (drop that step's update, count it, go on).
     nan_policy: str = "stop"
-    # Training efficiency (cervl.objective), all exact: run the prompt before the image once per batch
+    # Training efficiency (cervl.train.objective), all exact: run the prompt before the image once per batch
     # (shared_prefix); keep frozen-vision-tower features for reuse, up to this many MB in memory and
     # beyond that under RUN/vision_cache (0: off); gradient checkpointing (None: on for models > 3B
     # parameters; it turns the shared prefix off, whose cached keys/values it would recompute).

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from cervl.errors import InvalidInput
+from cervl.core.errors import InvalidInput
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # the files a folder input lists
 
 # Qwen-VL's smart_resize refuses an absolute aspect ratio of 200 or more; a face crop never has one.
 MAX_ASPECT = 200

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from cervl.errors import InvalidInput
-from cervl.labels import LabelSet
-from cervl.prompts import PromptStyle
+from cervl.core.errors import InvalidInput
+from cervl.core.labels import LabelSet
+from cervl.models.prompts import PromptStyle
 
 IGNORE = -100
 

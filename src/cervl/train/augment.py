@@ -100,8 +100,8 @@ PRESETS: dict[str, AugmentSpec] = {
 
 def check_spec(spec: AugmentSpec, where: str) -> None:
     """Value checks (the config loader has already refused unknown keys with "did you mean")."""
-    from cervl.errors import ConfigError
-    from cervl.registry import suggest
+    from cervl.core.errors import ConfigError
+    from cervl.core.registry import suggest
 
     if spec.preset is not None and spec.preset not in PRESETS:
         raise ConfigError(f"{where}: unknown augment preset {spec.preset!r} (available: {', '.join(PRESETS)})"
@@ -133,7 +133,7 @@ class Augmenter:
         if self.spec.align_noise is not None:
             from pathlib import Path
 
-            from cervl.errors import InputNotFound, InvalidInput
+            from cervl.core.errors import InputNotFound, InvalidInput
             from cervl.faces.landmarks import load_offsets
 
             file = self.spec.align_noise.file
@@ -226,7 +226,7 @@ def _erase(image: Image.Image, rng) -> Image.Image:
 
 def augment_grid(images: list[Image.Image], path, *, title: str, cols: int = 8):
     """A PNG grid of augmented training samples (``stages/NN/augment.png``): what the model sees."""
-    from cervl.plotting import matplotlib  # noqa: F401  (Agg)
+    from cervl.core.plotting import matplotlib  # noqa: F401  (Agg)
     import matplotlib.pyplot as plt
 
     rows = max(1, math.ceil(len(images) / cols))

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cervl.fsio import swap_in
+from cervl.core.fsio import swap_in
+from cervl.run import CKPT
 
-CKPT = "checkpoint"
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

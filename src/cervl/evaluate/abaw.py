@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cervl.data.manifest import atomic_write_text
-from cervl.errors import InvalidInput
+from cervl.core.fsio import atomic_write_text
+from cervl.core.errors import InvalidInput
 from cervl.faces.video import frame_numbers, list_videos
-from cervl.labels import LabelSet, get_label_set
+from cervl.core.labels import LabelSet, get_label_set
 from cervl.predict.predictor import Predictor
 from cervl.predict.video import predict_videos
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 
-from cervl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from cervl.errors import UserError
+from cervl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from cervl.core.errors import UserError
 from cervl.run import EXTRA, StageFiles, StageRecord, remove_checkpoints, write_stage_spec
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class MetricsLog:
                 log.warning("tensorboard requested but not installed (pip install tensorboard); CSV only")
 
     def _truncate(self, step: int) -> None:
-        from cervl.data.manifest import atomic_write_text
+        from cervl.core.fsio import atomic_write_text
 
         with self.path.open(newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= step]

@@ -25,8 +25,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 
 from cervl.data.manifest import Record
-from cervl.errors import InvalidInput
-from cervl.labels import LabelSet, components, is_compound
+from cervl.core.errors import InvalidInput
+from cervl.core.labels import LabelSet, components, is_compound
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

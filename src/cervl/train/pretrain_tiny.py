@@ -29,17 +29,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cervl.config import load_config
-from cervl.data.images import load_rgb
+from cervl.train.config import load_config
+from cervl.core.images import load_rgb
 from cervl.data.mixture import load_samples
 from cervl.data.prepare import prepare_synthce
-from cervl.errors import InvalidInput
-from cervl.facs import AU_IDS, au_key
-from cervl.fsio import swap_in
-from cervl.labels import get_label_set
-from cervl.models import build_tiny, save_model
+from cervl.core.errors import InvalidInput
+from cervl.core.facs import AU_IDS, au_key
+from cervl.core.fsio import swap_in
+from cervl.core.labels import get_label_set
+from cervl.models.loading import build_tiny, save_model
 from cervl.run import claim_run_dir
-from cervl.train import train
+from cervl.train.recipe import train
 
 log = logging.getLogger(__name__)
 

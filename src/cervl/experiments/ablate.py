@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cervl.config import ConfigError, build, load_config
+from cervl.train.config import ConfigError, build, load_config
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ def run_ablation(path: str | Path, *, progress: bool = True) -> Path:
 
 def _run_cell(cfg: AblationConfig, axes: dict, cell: dict[str, str], out: Path, progress: bool) -> dict:
     """Train the cell's recipe (shared by cells with the same training; none for zero-shot), then test it."""
-    from cervl.evaluate import test_report
+    from cervl.evaluate.evaluation import test_report
     from cervl.predict import Predictor
-    from cervl.train import train
+    from cervl.train.recipe import train
 
     chosen = [axes[a][v] for a, v in cell.items()]
     overrides = [o for v in chosen for o in v.overrides]
@@ -158,8 +158,8 @@ def write_ablation_summary(out: Path, results: list[dict], axes: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cervl.data.manifest import atomic_write_text
-    from cervl.report import _html_page, _md_table, write_comparison
+    from cervl.core.fsio import atomic_write_text
+    from cervl.evaluate.report import _html_page, _md_table, write_comparison
 
     base = results[0]
     rows = [[r["cell"], r["n"], f"{r['accuracy']:.4f} ± {r['accuracy_se']:.4f}", r["macro_f1"], r["top2_accuracy"],

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cervl.encode import IGNORE
-from cervl.models import ACCEPTS_ENCODER_OUTPUTS, cache_kwargs, core_and_head
+from cervl.models.encode import IGNORE
+from cervl.models.loading import ACCEPTS_ENCODER_OUTPUTS, cache_kwargs, core_and_head
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class VisionCache:
     def features(self, core, pixel_values, grid, image_hashes: list[str | None]):
         """The vision output for a batch (what ``get_image_features`` returns): cached images reused,
         the others computed in one tower call. A hash of None (an augmented view that is drawn afresh, see
-        :mod:`cervl.augment`) is computed and never stored: no other view can ever read its features."""
+        :mod:`cervl.train.augment`) is computed and never stored: no other view can ever read its features."""
         keys = [self.key(h) if h is not None else None for h in image_hashes]
         found = [self.get(k) if k is not None else None for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
@@ -232,7 +232,7 @@ def decide_levers(model, processor, cfg, stage, prompt: str, *, sharded: bool, c
 
     ``memory`` is the vision cache's in-memory store, shared by a run's stages; ``cache_dir`` its spill folder.
     """
-    from cervl.encode import shared_prefix
+    from cervl.models.encode import shared_prefix
 
     why: dict[str, str] = {}
     checkpointing = cfg.gradient_checkpointing

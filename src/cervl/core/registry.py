@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
-from cervl.errors import UnknownName
+from cervl.core.errors import UnknownName
 
 T = TypeVar("T")
 
@@ -18,7 +18,7 @@ def suggest(name: str, choices: Iterable[str]) -> str:
 
 
 def lookup(registry: Mapping[str, T], name: str, kind: str, *, normalize: Callable[[str], str] | None = None) -> T:
-    """``registry[name]``, or :class:`~cervl.errors.UnknownName` naming the choices and the closest one.
+    """``registry[name]``, or :class:`~cervl.core.errors.UnknownName` naming the choices and the closest one.
 
     Only the lookup is guarded: an error raised later, while the caller builds the found class, is
     reported as itself.

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cervl.data.base import IMAGE_SUFFIXES
+from cervl.core.images import IMAGE_SUFFIXES
 from cervl.data.manifest import Record, atomic_write_text, read_manifest, write_manifest
-from cervl.errors import InputNotFound, InvalidInput
+from cervl.core.errors import InputNotFound, InvalidInput
 from cervl.faces.pipeline import align_files
 from cervl.faces.video import list_videos, many_video_faces, video_name
 

@@ -10,9 +10,9 @@ token prefix whose KV cache can be reused at inference.
 from __future__ import annotations
 
 
-from cervl.facs import AUS, PROTOTYPES, describe_aus
-from cervl.labels import LabelSet, components, is_compound
-from cervl.registry import lookup
+from cervl.core.facs import AUS, PROTOTYPES, describe_aus
+from cervl.core.labels import LabelSet, components, is_compound
+from cervl.core.registry import lookup
 
 IMAGE = {"type": "image"}
 
@@ -140,7 +140,7 @@ class AuCaptionPrompt(AuDescribePrompt):
 
 
 def caption_aus(caption: str) -> list[int]:
-    """The AUs an AU caption names (the inverse of :func:`cervl.facs.describe_aus`), in AU order."""
+    """The AUs an AU caption names (the inverse of :func:`cervl.core.facs.describe_aus`), in AU order."""
     text = caption.lower()
     return [au for au, (_, visible) in AUS.items() if visible.lower() in text]
 

@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cervl.data.manifest import atomic_write_text  # noqa: E402
-from cervl.errors import InputNotFound, InvalidInput  # noqa: E402
-from cervl.plotting import PALETTE, legend_outside  # noqa: E402
+from cervl.core.errors import InputNotFound, InvalidInput  # noqa: E402
+from cervl.core.plotting import PALETTE, legend_outside  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ def _delta(v, ref):
 def _au_metrics(rows: list[dict], manifest: str | None, path: Path) -> dict:
     """Per-AU F1 of the AUs named by au-caption predictions, against the manifest's true AUs (``aus``)."""
     from cervl.data.manifest import read_manifest
-    from cervl.facs import AU_IDS, au_key
-    from cervl.metrics import per_au_f1
+    from cervl.core.facs import AU_IDS, au_key
+    from cervl.evaluate.metrics import per_au_f1
 
     if not manifest or not Path(manifest).is_file():
         log.warning("%s: rows name AUs but the manifest with the true AUs is not at hand (%s); no per-AU F1",
@@ -254,8 +254,8 @@ def evaluate_predictions(path: str | Path, out: str | Path, *, label_set: str | 
 
     ``explain``: a ``cervl explain --manifest`` folder whose "Where the model looks" section joins the report.
     """
-    from cervl.labels import get_label_set
-    from cervl.metrics import summarize
+    from cervl.core.labels import get_label_set
+    from cervl.evaluate.metrics import summarize
 
     path, out = Path(path), Path(out)
     meta_path = Path(str(path) + ".meta.json")

@@ -1,6 +1,6 @@
 """Stage-wise training: ``cervl train CONFIG.yaml [key=value ...]``.
 
-A recipe is a list of stages (see :mod:`cervl.config`). Between LoRA stages the previous adapter
+A recipe is a list of stages (see :mod:`cervl.train.config`). Between LoRA stages the previous adapter
 is merged into the weights and a fresh adapter with the new stage's rank starts (the paper's
 r=16 -> r=8). Each stage writes ``stages/NN-name/`` with its adapter (or full weights), metrics
 and a ``DONE.json`` marker; a finished stage is never retrained, and an interrupted one resumes
@@ -8,8 +8,8 @@ from its last atomic checkpoint. The run folder's names belong to :mod:`cervl.ru
 
 Reads top to bottom: :func:`train` = checks, setup, stages, final save, held-out evaluation;
 :class:`StageTrainer` = one stage's setup, steps and finish, from three parts that each read alone:
-its data (:class:`cervl.stage_data.StageData`), its levers (:func:`cervl.objective.decide_levers`) and
-its files (:class:`cervl.stage_outputs.StageOutputs`).
+its data (:class:`cervl.train.stage_data.StageData`), its levers (:func:`cervl.train.objective.decide_levers`) and
+its files (:class:`cervl.train.stage_outputs.StageOutputs`).
 """
 
 from __future__ import annotations
@@ -23,23 +23,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cervl.checkpoint import rng_state
-from cervl.config import RunConfig, StageConfig, to_dict
-from cervl.encode import IGNORE, prompt_text
-from cervl.errors import UserError
-from cervl.evaluate import evaluate, test_report
-from cervl.faults import crash_point
-from cervl.models import (TINY_PRESETS, apply_lora, assert_finite_weights, build_tiny, default_attn_implementation,
+from cervl.train.checkpoint import rng_state
+from cervl.train.config import RunConfig, StageConfig, to_dict
+from cervl.models.encode import IGNORE, prompt_text
+from cervl.core.errors import UserError
+from cervl.evaluate.evaluation import evaluate, test_report
+from cervl.core.faults import crash_point
+from cervl.models.loading import (TINY_PRESETS, apply_lora, assert_finite_weights, build_tiny, default_attn_implementation,
                           load_model, lora_target_regex, merge_lora)
-from cervl.objective import decide_levers
+from cervl.train.objective import decide_levers
 from cervl.predict.predictor import Predictor
 from cervl.run import (Layout, RunLock, RunMeta, StageRecord, apply_stage, base_entry, base_weights, check_config,
                        claim_run_dir, relative, remove_checkpoints, save_base, save_final, write_bad_samples,
                        write_lineage, write_test_metrics)
-from cervl.sharding import (Skeleton, gather_unsharded, refuse_unmergeable, refuse_unshardable, shard_model,
+from cervl.train.sharding import (Skeleton, gather_unsharded, refuse_unmergeable, refuse_unshardable, shard_model,
                             sync_replicated_grads, wants_sharding)
-from cervl.stage_data import StageData, check_data
-from cervl.stage_outputs import StageOutputs
+from cervl.train.stage_data import StageData, check_data
+from cervl.train.stage_outputs import StageOutputs
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import re
 
 import torch
 
-from cervl.errors import UserError
-from cervl.models import unwrap
+from cervl.core.errors import UserError
+from cervl.models.loading import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def shard_model(model):
     """
     from torch.distributed.fsdp import fully_shard
 
-    from cervl.models import core_and_head
+    from cervl.models.loading import core_and_head
 
     core, _ = core_and_head(model)
     units = [m for name, m in core.named_modules() if _UNIT.search(name)]

@@ -1,0 +1,4 @@
+"""Experiments over recipes: ablation grids (``ablate``).
+
+Imports: ``train`` and everything below it.
+"""
