@@ -1,4 +1,4 @@
-"""Faces: detection (``detect``: ``DETECTORS``, MTCNN and its networks, YuNet), 5-point alignment (``align``),
+"""Faces: detection (``detect``: ``DETECTORS``, the MTCNN detection loop, YuNet; ``mtcnn_nets``: its three networks), 5-point alignment (``align``),
 video decoding and tracking (``video``, ``track``), photo alignment with worker processes (``pipeline``),
 and landmark geometry (``landmarks``: errors, flip-averaged landmarks).
 
