@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cervl.cli.options import face_kwargs, face_options, ray_options, tracking
+from cervl.cli.options import detector_options, face_kwargs, face_options, ray_options, tracking
 from cervl.core.errors import UserError
 
 
@@ -110,12 +110,11 @@ def _ray_rows(args) -> list[dict]:
 def run_landmark_error(args) -> int:
     import json
 
-    from cervl.cli import _detector_options
     from cervl.core.fsio import atomic_write_text
     from cervl.faces.detect import make_detector
     from cervl.evaluate.landmarks import measure_landmark_error
 
-    det = make_detector(args.detector, **_detector_options(args))
+    det = make_detector(args.detector, **detector_options(args))
     try:
         result = measure_landmark_error(args.manifest, det, splits=args.split, limit=args.limit)
     except ValueError as e:

@@ -4,30 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cervl.cli.options import face_options, zero_shot_options
+from cervl.cli.options import (check_model_choice, detector_options, face_options, load_predictor, tracking,
+                               zero_shot_options)
 from cervl.core.errors import UserError
 
 
 def run_explain(args) -> int:
-    from cervl.cli import _check_model_choice, _detector_options, _load_predictor, _tracking
     from cervl.explain.analysis import explain_items, video_items
     from cervl.explain.maps import Explainer, VLMScorer
     from cervl.faces.video import is_video
     from cervl.predict.predictor import align_items, items_from_manifest, items_from_paths
 
-    _check_model_choice(args)
+    check_model_choice(args)
     videos = [p for p in args.inputs if p.is_file() and is_video(p)]
     items = items_from_manifest(args.manifest, args.split) if args.manifest else []
     items += items_from_paths([p for p in args.inputs if p not in videos])
     if items and args.align:
-        align_items(items, detector=args.detector, detector_options=_detector_options(args), workers=args.workers)
+        align_items(items, detector=args.detector, detector_options=detector_options(args), workers=args.workers)
     for v in videos:
-        items += video_items(v, detector=args.detector, detector_options=_detector_options(args), every=args.every,
-                             **_tracking(args))
+        items += video_items(v, detector=args.detector, detector_options=detector_options(args), every=args.every,
+                             **tracking(args))
     if not items:
         raise UserError("nothing to explain: give image files/folders, videos or --manifest")
     classes = args.classes[0] if args.classes in (["top2"], ["all"]) else args.classes
-    explainer = Explainer(VLMScorer(_load_predictor(args), batch_size=args.batch_size), args.method,
+    explainer = Explainer(VLMScorer(load_predictor(args), batch_size=args.batch_size), args.method,
                           patch=args.patch, stride=args.stride, batch_size=args.batch_size)
     summary = explain_items(explainer, items, args.out, classes=classes, au_check=args.au_check)
     print(f"explained {summary['n']} images with {summary['method']} ({len(summary['failed'])} without a face or "
